@@ -1,0 +1,211 @@
+//! The TOML files that run Lumbung: one per node, one per gateway, one for
+//! the admin CLI. `lumbung admin init-cluster` writes a working set; the
+//! commented examples live in config/.
+//!
+//! Relative paths in a file are taken relative to that file's folder, so a
+//! cluster directory can be moved as a whole.
+
+use crate::placement::Layout;
+use crate::types::NodeId;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Certificate files of one peer of the internal network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TlsFiles {
+    /// The cluster CA certificate (PEM); peers must chain to it.
+    pub ca: PathBuf,
+    /// This peer's certificate (PEM).
+    pub cert: PathBuf,
+    /// This peer's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// One member of the cluster as every peer knows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    /// Internal address (host:port) of the node's RPC server.
+    pub addr: SocketAddr,
+}
+
+/// The cluster's shape, identical in every node file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// Number of Raft groups, fixed at creation (shard 0 is the meta shard).
+    pub shards: u32,
+    /// Replicas per shard; at least 2 so every object exists twice.
+    pub replication: usize,
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl ClusterSpec {
+    pub fn layout(&self) -> Layout {
+        let mut nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        nodes.sort_unstable();
+        Layout {
+            nodes,
+            shards: self.shards,
+            replication: self.replication,
+        }
+    }
+
+    pub fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {
+        self.nodes.iter().find(|n| n.id == id).map(|n| n.addr)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.replication < 2 {
+            bail!("replication must be at least 2 (got {})", self.replication);
+        }
+        if self.nodes.len() < self.replication {
+            bail!(
+                "replication {} needs at least as many nodes (got {})",
+                self.replication,
+                self.nodes.len()
+            );
+        }
+        if self.shards < 2 {
+            bail!("shards must be at least 2: the meta shard and one data shard");
+        }
+        let mut ids: Vec<_> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.nodes.len() || ids.contains(&0) {
+            bail!("node ids must be unique and non-zero");
+        }
+        Ok(())
+    }
+}
+
+/// The tenant, key and bucket a fresh cluster creates on first start.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Bootstrap {
+    pub tenant: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+}
+
+/// Tunables of the Raft groups; the defaults suit production.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot (and purge the log) after this many applied entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_ms: 300,
+            election_min_ms: 1500,
+            election_max_ms: 3000,
+            snapshot_every: 20_000,
+        }
+    }
+}
+
+/// `lumbung node --config FILE`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// Internal address to listen on; never a public one.
+    pub listen: SocketAddr,
+    /// sled database and chunk files live here.
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// Created once, by whichever node leads the meta shard first.
+    pub bootstrap: Option<Bootstrap>,
+    /// sled page cache limit in MiB.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    32
+}
+
+/// `lumbung gateway --config FILE`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    /// Public S3 listener (TLS only).
+    pub listen: SocketAddr,
+    /// Region name clients sign with.
+    pub region: String,
+    /// Public certificate and key served to S3 clients.
+    pub public_cert: PathBuf,
+    pub public_key: PathBuf,
+    /// Identity on the internal network.
+    pub tls: TlsFiles,
+    /// Internal addresses of the nodes to route to.
+    pub nodes: Vec<SocketAddr>,
+}
+
+/// `lumbung admin --config FILE ...`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdminConfig {
+    pub tls: TlsFiles,
+    pub nodes: Vec<SocketAddr>,
+}
+
+/// Reads a TOML file and resolves relative paths against its folder.
+pub fn load<T: serde::de::DeserializeOwned + Relocate>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cfg: T = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    cfg.relocate(&base);
+    Ok(cfg)
+}
+
+/// Joins relative paths in a config onto the folder of its file.
+pub trait Relocate {
+    fn relocate(&mut self, base: &Path);
+}
+
+fn rebase(p: &mut PathBuf, base: &Path) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+impl Relocate for TlsFiles {
+    fn relocate(&mut self, base: &Path) {
+        rebase(&mut self.ca, base);
+        rebase(&mut self.cert, base);
+        rebase(&mut self.key, base);
+    }
+}
+
+impl Relocate for NodeConfig {
+    fn relocate(&mut self, base: &Path) {
+        rebase(&mut self.data_dir, base);
+        self.tls.relocate(base);
+    }
+}
+
+impl Relocate for GatewayConfig {
+    fn relocate(&mut self, base: &Path) {
+        rebase(&mut self.public_cert, base);
+        rebase(&mut self.public_key, base);
+        self.tls.relocate(base);
+    }
+}
+
+impl Relocate for AdminConfig {
+    fn relocate(&mut self, base: &Path) {
+        self.tls.relocate(base);
+    }
+}

@@ -1,0 +1,20 @@
+//! Lumbung: replicated, encrypted, S3-compatible object storage.
+//!
+//! # Layout
+//!
+//! - [`gateway`]: the public TLS listener; S3 via `s3s`, SigV4, limits.
+//! - [`s3`]: the S3 operations, one file per family, as internal RPCs.
+//! - [`node`]: a storage node: the internal RPC server and the object
+//!   coordinator that chunks bodies and commits manifests.
+//! - [`shard`]: Raft groups (openraft) with their log and state machine.
+//! - [`chunk`]: content-addressed chunk files, verified on every read.
+//! - [`placement`]: which shard holds what, and which nodes hold a shard.
+//! - [`admin`]: cluster creation and status.
+//! - [`rpc`], [`tls`], [`config`]: the wire, certificates and config files.
+
+pub mod config;
+pub mod placement;
+pub mod rpc;
+pub mod shard;
+pub mod tls;
+pub mod types;

@@ -1,0 +1,263 @@
+//! What a shard's state machine stores and the commands that change it.
+//!
+//! Commands are replicated through the Raft log and applied on every replica
+//! in log order, so applying one must depend only on the command and the
+//! state before it: no clocks, no randomness, no I/O besides the tree.
+
+use crate::types::ChunkId;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One chunk of an object's body, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSpan {
+    pub id: ChunkId,
+    /// Bytes of object content this chunk holds.
+    pub len: u64,
+}
+
+/// Where an object's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Small objects live in the manifest itself: one Raft write, no chunk.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Larger ones are a list of chunks stored outside the log.
+    Chunks(Vec<ChunkSpan>),
+}
+
+/// An object's metadata and the location of its content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub size: u64,
+    /// Unquoted: MD5 hex, or `md5-of-md5s-N` for multipart objects.
+    pub etag: String,
+    pub content_type: String,
+    pub user_metadata: BTreeMap<String, String>,
+    pub modified_ms: i64,
+    pub body: Body,
+}
+
+/// A multipart upload between Create and Complete/Abort.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    pub key: String,
+    pub upload_id: String,
+    pub content_type: String,
+    pub user_metadata: BTreeMap<String, String>,
+    pub initiated_ms: i64,
+}
+
+/// One uploaded part; re-uploading a part number replaces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub etag: String,
+    pub size: u64,
+    pub modified_ms: i64,
+    pub chunks: Vec<ChunkSpan>,
+}
+
+/// An access key and the tenant it authenticates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKey {
+    pub tenant: String,
+    pub secret_key: String,
+}
+
+/// A change to one shard's state, replicated through its Raft log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Meta shard: create a tenant if it does not exist.
+    PutTenant { tenant: String, created_ms: i64 },
+    /// Meta shard: store an access key for a tenant.
+    PutAccessKey {
+        access_key: String,
+        key: AccessKey,
+    },
+    /// Meta shard: add a bucket to its tenant's catalogue.
+    AddBucket {
+        tenant: String,
+        bucket: String,
+        created_ms: i64,
+    },
+    /// Meta shard: drop a bucket from the catalogue.
+    RemoveBucket { tenant: String, bucket: String },
+    /// Index shard: open an empty object index; fails if it exists.
+    OpenIndex { tenant: String, bucket: String },
+    /// Index shard: close an index; fails with BucketNotEmpty unless empty.
+    CloseIndex { tenant: String, bucket: String },
+    /// Index shard: make `manifest` the current version of `key`.
+    PutObject {
+        tenant: String,
+        bucket: String,
+        key: String,
+        manifest: Manifest,
+    },
+    /// Index shard: remove `key` (no error when missing, as in S3).
+    DeleteObject {
+        tenant: String,
+        bucket: String,
+        key: String,
+    },
+    CreateUpload {
+        tenant: String,
+        bucket: String,
+        upload: Upload,
+    },
+    PutPart {
+        tenant: String,
+        bucket: String,
+        key: String,
+        upload_id: String,
+        part_number: u32,
+        part: Part,
+    },
+    /// Index shard: turn the named parts into the object, atomically.
+    CompleteUpload {
+        tenant: String,
+        bucket: String,
+        key: String,
+        upload_id: String,
+        parts: Vec<(u32, String)>,
+        modified_ms: i64,
+    },
+    AbortUpload {
+        tenant: String,
+        bucket: String,
+        key: String,
+        upload_id: String,
+    },
+    /// Chunk shard: record chunks that a majority of replicas stored.
+    AddChunks { chunks: Vec<(ChunkId, u64)> },
+}
+
+/// A linearizable read of one shard's state, run on its leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    AccessKey {
+        access_key: String,
+    },
+    Buckets {
+        tenant: String,
+    },
+    IndexExists {
+        tenant: String,
+        bucket: String,
+    },
+    Object {
+        tenant: String,
+        bucket: String,
+        key: String,
+    },
+    List {
+        tenant: String,
+        bucket: String,
+        prefix: String,
+        delimiter: String,
+        start_after: String,
+        max_keys: u32,
+    },
+    Upload {
+        tenant: String,
+        bucket: String,
+        key: String,
+        upload_id: String,
+    },
+    Parts {
+        tenant: String,
+        bucket: String,
+        upload_id: String,
+        after: u32,
+        max: u32,
+    },
+    Uploads {
+        tenant: String,
+        bucket: String,
+        prefix: String,
+        key_marker: String,
+        upload_id_marker: String,
+        max: u32,
+    },
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListPage {
+    pub objects: Vec<(String, Manifest)>,
+    pub common_prefixes: Vec<String>,
+    pub truncated: bool,
+    /// The last key or prefix in this page.
+    pub next_marker: String,
+}
+
+/// What a command or query returns on success.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Value {
+    Done,
+    AccessKey(Option<AccessKey>),
+    Buckets(Vec<(String, i64)>),
+    Exists(bool),
+    Object(Option<Manifest>),
+    List(ListPage),
+    Upload(Option<Upload>),
+    Parts {
+        parts: Vec<(u32, Part)>,
+        truncated: bool,
+    },
+    Uploads {
+        uploads: Vec<Upload>,
+        truncated: bool,
+    },
+}
+
+/// Why a shard call failed. Variants before `NotLeader` are deterministic
+/// outcomes of applying a command (every replica reaches the same one);
+/// the rest describe the cluster, not the data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ShardError {
+    #[error("the bucket does not exist")]
+    NoSuchBucket,
+    #[error("the key does not exist")]
+    NoSuchKey,
+    #[error("the bucket you tried to delete is not empty")]
+    BucketNotEmpty,
+    #[error("the bucket already exists")]
+    BucketExists,
+    #[error("the upload does not exist")]
+    NoSuchUpload,
+    #[error("{0}")]
+    InvalidPart(String),
+    #[error("the list of parts was not in ascending order")]
+    InvalidPartOrder,
+    #[error("{0}")]
+    EntityTooSmall(String),
+    #[error("not the leader of this shard")]
+    NotLeader { leader: Option<u64> },
+    #[error("shard unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ShardError {
+    /// True when every replica applying the same command reaches this error,
+    /// so it may be returned to the client; anything else must not change
+    /// state on any replica.
+    pub fn is_deterministic(&self) -> bool {
+        !matches!(
+            self,
+            ShardError::NotLeader { .. } | ShardError::Unavailable(_) | ShardError::Internal(_)
+        )
+    }
+}
+
+/// The response type of the state machine, as returned through openraft.
+pub type Reply = Result<Value, ShardError>;
+
+/// msgpack helpers shared by the wire and the trees.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("serializing plain data cannot fail")
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ShardError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ShardError::Internal(format!("decoding: {e}")))
+}

@@ -1,0 +1,42 @@
+//! Shards: many small Raft groups sharing one node.
+//!
+//! A shard is one openraft group of `replication` replicas on distinct
+//! nodes. Every change to a shard's state is a [`Command`] in its log; a
+//! command takes effect once a majority of the replicas have fsynced it,
+//! and only then is the client told it succeeded. That is why an
+//! acknowledged write survives the loss of any minority of replicas:
+//! every future leader is elected by a majority, and any two majorities
+//! share a replica that has the write.
+//!
+//! Reads are linearizable: a query runs on the leader only after it has
+//! confirmed with a quorum that it still leads (openraft's read index), so
+//! it sees every write acknowledged before it began, whichever gateway or
+//! node took that write.
+//!
+//! All shards of a node share one sled database (trees `log/<shard>`,
+//! `vote/<shard>`, `sm/<shard>`) and one fsync loop, so a burst of small
+//! writes to many shards costs one fsync, not one per shard.
+
+pub mod command;
+pub mod host;
+pub mod log_store;
+pub mod network;
+pub mod state;
+pub mod state_machine;
+
+pub use command::{decode, encode, Command, Query, Reply, ShardError, Value};
+pub use host::ShardHost;
+
+openraft::declare_raft_types!(
+    /// The types of Lumbung's Raft groups.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = crate::types::NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,496 @@
+//! The deterministic heart of a shard: how a command changes the tree and
+//! how a query reads it.
+//!
+//! Every key starts with a one-byte tag naming the record type; the parts
+//! after it are separated by a zero byte, which no tenant, bucket or upload
+//! id may contain. Keys sort so that one bucket's objects are one range and
+//! a listing is one ordered scan.
+
+use super::command::*;
+use crate::types::ChunkId;
+use md5::{Digest, Md5};
+use sled::{Batch, Tree};
+
+/// S3's smallest part, except for the last one.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+mod tag {
+    pub const TENANT: u8 = b'T';
+    pub const ACCESS_KEY: u8 = b'K';
+    pub const BUCKET: u8 = b'B';
+    pub const INDEX: u8 = b'I';
+    pub const OBJECT: u8 = b'O';
+    pub const UPLOAD: u8 = b'U';
+    pub const PART: u8 = b'P';
+    pub const CHUNK: u8 = b'C';
+}
+
+/// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![tag];
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// The prefix under which all of one bucket's records of `tag` live.
+fn bucket_prefix(tag: u8, tenant: &str, bucket: &str) -> Vec<u8> {
+    let mut k = key(tag, &[tenant.as_bytes(), bucket.as_bytes()]);
+    k.push(0);
+    k
+}
+
+fn object_key(tenant: &str, bucket: &str, object: &str) -> Vec<u8> {
+    let mut k = bucket_prefix(tag::OBJECT, tenant, bucket);
+    k.extend_from_slice(object.as_bytes());
+    k
+}
+
+fn upload_key(tenant: &str, bucket: &str, object: &str, upload_id: &str) -> Vec<u8> {
+    let mut k = bucket_prefix(tag::UPLOAD, tenant, bucket);
+    k.extend_from_slice(object.as_bytes());
+    k.push(0);
+    k.extend_from_slice(upload_id.as_bytes());
+    k
+}
+
+fn parts_prefix(tenant: &str, bucket: &str, upload_id: &str) -> Vec<u8> {
+    let mut k = bucket_prefix(tag::PART, tenant, bucket);
+    k.extend_from_slice(upload_id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn part_key(tenant: &str, bucket: &str, upload_id: &str, part: u32) -> Vec<u8> {
+    let mut k = parts_prefix(tenant, bucket, upload_id);
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+pub fn chunk_key(id: &ChunkId) -> Vec<u8> {
+    key(tag::CHUNK, &[&id.0])
+}
+
+/// True if `k` is a chunk record; returns its id.
+pub fn chunk_of_key(k: &[u8]) -> Option<ChunkId> {
+    (k.first() == Some(&tag::CHUNK))
+        .then(|| ChunkId::from_slice(&k[1..]))
+        .flatten()
+}
+
+/// The smallest key greater than every key starting with `prefix`: keys are
+/// UTF-8 or fixed-width integers, and UTF-8 never contains 0xFF.
+fn after_prefix(prefix: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.push(0xFF);
+    k
+}
+
+/// Reads and changes one shard's tree.
+#[derive(Clone)]
+pub struct State {
+    pub tree: Tree,
+}
+
+type Io<T> = Result<T, ShardError>;
+
+fn io(e: sled::Error) -> ShardError {
+    ShardError::Internal(format!("storage: {e}"))
+}
+
+impl State {
+    pub fn new(tree: Tree) -> State {
+        State { tree }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Io<Option<T>> {
+        match self.tree.get(k).map_err(io)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn exists(&self, k: &[u8]) -> Io<bool> {
+        self.tree.contains_key(k).map_err(io)
+    }
+
+    fn require_index(&self, tenant: &str, bucket: &str) -> Io<()> {
+        if self.exists(&key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]))? {
+            Ok(())
+        } else {
+            Err(ShardError::NoSuchBucket)
+        }
+    }
+
+    fn has_prefix(&self, prefix: &[u8]) -> Io<bool> {
+        Ok(self.tree.scan_prefix(prefix).next().transpose().map_err(io)?.is_some())
+    }
+
+    /// Applies `cmd`, putting its writes into `batch`. An `Err` that is
+    /// deterministic leaves the batch empty.
+    pub fn apply(&self, cmd: &Command, batch: &mut Batch) -> Reply {
+        match cmd {
+            Command::PutTenant { tenant, created_ms } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                if !self.exists(&k)? {
+                    batch.insert(k, encode(created_ms));
+                }
+            }
+            Command::PutAccessKey { access_key, key: ak } => {
+                batch.insert(key(tag::ACCESS_KEY, &[access_key.as_bytes()]), encode(ak));
+            }
+            Command::AddBucket {
+                tenant,
+                bucket,
+                created_ms,
+            } => {
+                let k = key(tag::BUCKET, &[tenant.as_bytes(), bucket.as_bytes()]);
+                if self.exists(&k)? {
+                    return Err(ShardError::BucketExists);
+                }
+                batch.insert(k, encode(created_ms));
+            }
+            Command::RemoveBucket { tenant, bucket } => {
+                batch.remove(key(tag::BUCKET, &[tenant.as_bytes(), bucket.as_bytes()]));
+            }
+            Command::OpenIndex { tenant, bucket } => {
+                let k = key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]);
+                if self.exists(&k)? {
+                    return Err(ShardError::BucketExists);
+                }
+                batch.insert(k, vec![]);
+            }
+            Command::CloseIndex { tenant, bucket } => {
+                self.require_index(tenant, bucket)?;
+                if self.has_prefix(&bucket_prefix(tag::OBJECT, tenant, bucket))?
+                    || self.has_prefix(&bucket_prefix(tag::UPLOAD, tenant, bucket))?
+                {
+                    return Err(ShardError::BucketNotEmpty);
+                }
+                batch.remove(key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]));
+            }
+            Command::PutObject {
+                tenant,
+                bucket,
+                key: object,
+                manifest,
+            } => {
+                self.require_index(tenant, bucket)?;
+                batch.insert(object_key(tenant, bucket, object), encode(manifest));
+            }
+            Command::DeleteObject {
+                tenant,
+                bucket,
+                key: object,
+            } => {
+                self.require_index(tenant, bucket)?;
+                batch.remove(object_key(tenant, bucket, object));
+            }
+            Command::CreateUpload {
+                tenant,
+                bucket,
+                upload,
+            } => {
+                self.require_index(tenant, bucket)?;
+                batch.insert(
+                    upload_key(tenant, bucket, &upload.key, &upload.upload_id),
+                    encode(upload),
+                );
+            }
+            Command::PutPart {
+                tenant,
+                bucket,
+                key: object,
+                upload_id,
+                part_number,
+                part,
+            } => {
+                self.require_index(tenant, bucket)?;
+                if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
+                    return Err(ShardError::NoSuchUpload);
+                }
+                batch.insert(part_key(tenant, bucket, upload_id, *part_number), encode(part));
+            }
+            Command::CompleteUpload {
+                tenant,
+                bucket,
+                key: object,
+                upload_id,
+                parts,
+                modified_ms,
+            } => {
+                self.require_index(tenant, bucket)?;
+                let manifest =
+                    self.complete_upload(tenant, bucket, object, upload_id, parts, *modified_ms)?;
+                self.remove_upload(tenant, bucket, object, upload_id, batch)?;
+                batch.insert(object_key(tenant, bucket, object), encode(&manifest));
+                return Ok(Value::Object(Some(manifest)));
+            }
+            Command::AbortUpload {
+                tenant,
+                bucket,
+                key: object,
+                upload_id,
+            } => {
+                self.require_index(tenant, bucket)?;
+                if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
+                    return Err(ShardError::NoSuchUpload);
+                }
+                self.remove_upload(tenant, bucket, object, upload_id, batch)?;
+            }
+            Command::AddChunks { chunks } => {
+                for (id, len) in chunks {
+                    batch.insert(chunk_key(id), encode(len));
+                }
+            }
+        }
+        Ok(Value::Done)
+    }
+
+    fn remove_upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        object: &str,
+        upload_id: &str,
+        batch: &mut Batch,
+    ) -> Io<()> {
+        batch.remove(upload_key(tenant, bucket, object, upload_id));
+        for kv in self.tree.scan_prefix(parts_prefix(tenant, bucket, upload_id)) {
+            batch.remove(kv.map_err(io)?.0);
+        }
+        Ok(())
+    }
+
+    /// Checks the client's part list against the stored parts and builds the
+    /// object's manifest, with the ETag S3 computes: the MD5 of the parts'
+    /// binary MD5s, a dash, and the number of parts.
+    fn complete_upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        object: &str,
+        upload_id: &str,
+        wanted: &[(u32, String)],
+        modified_ms: i64,
+    ) -> Io<Manifest> {
+        let upload: Upload = self
+            .get(&upload_key(tenant, bucket, object, upload_id))?
+            .ok_or(ShardError::NoSuchUpload)?;
+        if wanted.is_empty() {
+            return Err(ShardError::InvalidPart(
+                "you must specify at least one part".into(),
+            ));
+        }
+        if wanted.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(ShardError::InvalidPartOrder);
+        }
+        let mut md5s = Md5::new();
+        let mut chunks = Vec::new();
+        let mut size = 0;
+        for (i, (number, etag)) in wanted.iter().enumerate() {
+            let part: Part = self
+                .get(&part_key(tenant, bucket, upload_id, *number))?
+                .ok_or_else(|| ShardError::InvalidPart(format!("part {number} was not uploaded")))?;
+            if part.etag != etag.trim_matches('"') {
+                return Err(ShardError::InvalidPart(format!(
+                    "part {number} has ETag \"{}\", not {etag}",
+                    part.etag
+                )));
+            }
+            if i + 1 < wanted.len() && part.size < MIN_PART_SIZE {
+                return Err(ShardError::EntityTooSmall(format!(
+                    "part {number} is {} bytes; every part but the last must be at least {MIN_PART_SIZE}",
+                    part.size
+                )));
+            }
+            let raw = hex::decode(&part.etag)
+                .map_err(|_| ShardError::Internal(format!("stored ETag of part {number} is not hex")))?;
+            md5s.update(&raw);
+            size += part.size;
+            chunks.extend(part.chunks);
+        }
+        Ok(Manifest {
+            size,
+            etag: format!("{}-{}", hex::encode(md5s.finalize()), wanted.len()),
+            content_type: upload.content_type,
+            user_metadata: upload.user_metadata,
+            modified_ms,
+            body: Body::Chunks(chunks),
+        })
+    }
+
+    /// Answers `q` from this replica's tree.
+    pub fn query(&self, q: &Query) -> Reply {
+        match q {
+            Query::AccessKey { access_key } => Ok(Value::AccessKey(
+                self.get(&key(tag::ACCESS_KEY, &[access_key.as_bytes()]))?,
+            )),
+            Query::Buckets { tenant } => {
+                let mut prefix = key(tag::BUCKET, &[tenant.as_bytes()]);
+                prefix.push(0);
+                let mut out = Vec::new();
+                for kv in self.tree.scan_prefix(&prefix) {
+                    let (k, v) = kv.map_err(io)?;
+                    let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                    out.push((name, decode(&v)?));
+                }
+                Ok(Value::Buckets(out))
+            }
+            Query::IndexExists { tenant, bucket } => Ok(Value::Exists(
+                self.exists(&key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]))?,
+            )),
+            Query::Object {
+                tenant,
+                bucket,
+                key: object,
+            } => {
+                self.require_index(tenant, bucket)?;
+                Ok(Value::Object(self.get(&object_key(tenant, bucket, object))?))
+            }
+            Query::List {
+                tenant,
+                bucket,
+                prefix,
+                delimiter,
+                start_after,
+                max_keys,
+            } => {
+                self.require_index(tenant, bucket)?;
+                self.list(tenant, bucket, prefix, delimiter, start_after, *max_keys)
+                    .map(Value::List)
+            }
+            Query::Upload {
+                tenant,
+                bucket,
+                key: object,
+                upload_id,
+            } => {
+                self.require_index(tenant, bucket)?;
+                Ok(Value::Upload(
+                    self.get(&upload_key(tenant, bucket, object, upload_id))?,
+                ))
+            }
+            Query::Parts {
+                tenant,
+                bucket,
+                upload_id,
+                after,
+                max,
+            } => {
+                let prefix = parts_prefix(tenant, bucket, upload_id);
+                let start = part_key(tenant, bucket, upload_id, after.saturating_add(1));
+                let mut parts = Vec::new();
+                let mut truncated = false;
+                for kv in self.tree.range(start..after_prefix(&prefix)) {
+                    let (k, v) = kv.map_err(io)?;
+                    if parts.len() as u32 >= *max {
+                        truncated = true;
+                        break;
+                    }
+                    let n = u32::from_be_bytes(k[prefix.len()..].try_into().unwrap_or_default());
+                    parts.push((n, decode(&v)?));
+                }
+                Ok(Value::Parts { parts, truncated })
+            }
+            Query::Uploads {
+                tenant,
+                bucket,
+                prefix,
+                key_marker,
+                upload_id_marker,
+                max,
+            } => {
+                self.require_index(tenant, bucket)?;
+                let base = bucket_prefix(tag::UPLOAD, tenant, bucket);
+                let mut scan_prefix = base.clone();
+                scan_prefix.extend_from_slice(prefix.as_bytes());
+                let mut start = scan_prefix.clone();
+                if !key_marker.is_empty() {
+                    let marker = if upload_id_marker.is_empty() {
+                        after_prefix(&upload_key(tenant, bucket, key_marker, ""))
+                    } else {
+                        let mut k = upload_key(tenant, bucket, key_marker, upload_id_marker);
+                        k.push(0);
+                        k
+                    };
+                    start = start.max(marker);
+                }
+                let mut uploads = Vec::new();
+                let mut truncated = false;
+                for kv in self.tree.range(start..after_prefix(&scan_prefix)) {
+                    let (_, v) = kv.map_err(io)?;
+                    if uploads.len() as u32 >= *max {
+                        truncated = true;
+                        break;
+                    }
+                    uploads.push(decode(&v)?);
+                }
+                Ok(Value::Uploads { uploads, truncated })
+            }
+        }
+    }
+
+    /// One page of keys under `prefix`, rolling keys that contain
+    /// `delimiter` after the prefix into common prefixes.
+    fn list(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        prefix: &str,
+        delimiter: &str,
+        start_after: &str,
+        max_keys: u32,
+    ) -> Io<ListPage> {
+        let base = bucket_prefix(tag::OBJECT, tenant, bucket);
+        let scan_prefix = object_key(tenant, bucket, prefix);
+        let end = after_prefix(&scan_prefix);
+        let mut start = scan_prefix.clone();
+        if !start_after.is_empty() {
+            let mut marker = object_key(tenant, bucket, start_after);
+            // After a common prefix, skip everything it rolled up.
+            if !delimiter.is_empty() && start_after.ends_with(delimiter) {
+                marker = after_prefix(&marker);
+            } else {
+                marker.push(0);
+            }
+            start = start.max(marker);
+        }
+        let mut page = ListPage::default();
+        let mut count = 0u32;
+        while start < end {
+            let Some(kv) = self.tree.range(start.clone()..end.clone()).next() else {
+                break;
+            };
+            let (k, v) = kv.map_err(io)?;
+            let name = String::from_utf8_lossy(&k[base.len()..]).into_owned();
+            if count >= max_keys {
+                page.truncated = true;
+                break;
+            }
+            count += 1;
+            let rolled = (!delimiter.is_empty())
+                .then(|| name[prefix.len()..].find(delimiter))
+                .flatten();
+            match rolled {
+                Some(at) => {
+                    let common = name[..prefix.len() + at + delimiter.len()].to_string();
+                    start = after_prefix(&object_key(tenant, bucket, &common));
+                    page.next_marker = common.clone();
+                    page.common_prefixes.push(common);
+                }
+                None => {
+                    start = k.to_vec();
+                    start.push(0);
+                    page.next_marker = name.clone();
+                    page.objects.push((name, decode(&v)?));
+                }
+            }
+        }
+        Ok(page)
+    }
+}
