@@ -18,3 +18,5 @@ pub mod rpc;
 pub mod shard;
 pub mod tls;
 pub mod types;
+pub mod chunk;
+pub mod node;

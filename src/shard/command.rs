@@ -230,6 +230,12 @@ pub enum ShardError {
     InvalidPartOrder,
     #[error("{0}")]
     EntityTooSmall(String),
+    #[error("the Content-MD5 you specified did not match what we received")]
+    BadDigest,
+    #[error("the requested range is not satisfiable")]
+    InvalidRange,
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("not the leader of this shard")]
     NotLeader { leader: Option<u64> },
     #[error("shard unavailable: {0}")]

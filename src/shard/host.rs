@@ -15,13 +15,12 @@ use super::Raft;
 use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
 use crate::rpc::{error_of, pb, Pool};
-use crate::types::{ChunkId, NodeId, ShardId};
+use crate::types::{NodeId, ShardId};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// How long a call keeps looking for a shard's leader.
@@ -61,7 +60,7 @@ impl ShardHost {
         tuning: &RaftTuning,
         db: &sled::Db,
         pool: Arc<Pool>,
-        chunk_refs: mpsc::UnboundedSender<ChunkId>,
+        chunk_refs: super::state_machine::ChunkRefs,
     ) -> anyhow::Result<ShardHost> {
         let layout = spec.layout();
         let config = Arc::new(

@@ -16,7 +16,11 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 use std::io::Cursor;
+use std::time::Instant;
 use tokio::sync::mpsc;
+
+/// Where a state machine reports the chunks it learns of, and when.
+pub type ChunkRefs = mpsc::UnboundedSender<(ChunkId, Instant)>;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -41,7 +45,7 @@ pub struct StateMachine {
     flusher: super::log_store::Flusher,
     /// Chunks this replica was told about but may not hold yet; the node's
     /// repair task fetches the missing ones from other replicas.
-    chunk_refs: mpsc::UnboundedSender<ChunkId>,
+    chunk_refs: ChunkRefs,
 }
 
 impl StateMachine {
@@ -49,7 +53,7 @@ impl StateMachine {
         shard: ShardId,
         state: State,
         flusher: super::log_store::Flusher,
-        chunk_refs: mpsc::UnboundedSender<ChunkId>,
+        chunk_refs: ChunkRefs,
     ) -> StateMachine {
         StateMachine {
             shard,
@@ -139,7 +143,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Ok(_) => {
                             if let Command::AddChunks { chunks } = cmd {
                                 for (id, _) in chunks {
-                                    let _ = self.chunk_refs.send(*id);
+                                    let _ = self.chunk_refs.send((*id, Instant::now()));
                                 }
                             }
                         }
@@ -187,7 +191,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.flusher.sync().await.map_err(sm_err)?;
         for (k, _) in &body.pairs {
             if let Some(id) = chunk_of_key(k) {
-                let _ = self.chunk_refs.send(id);
+                let _ = self.chunk_refs.send((id, Instant::now()));
             }
         }
         Ok(())

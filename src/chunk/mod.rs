@@ -1,0 +1,157 @@
+//! Chunk files: object bytes live here, outside the Raft log.
+//!
+//! A chunk is named by the BLAKE3 hash of its bytes. A write goes to a
+//! temporary file that is fsynced, renamed into place, and made durable by
+//! fsyncing its folder; only then does the caller count this replica as
+//! holding it. Every read recomputes the hash: a replica never serves bytes
+//! that differ from the name, and moves a corrupt file aside so it can be
+//! repaired from another replica.
+
+use crate::types::ChunkId;
+use bytes::Bytes;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {0:?} does not hash to its name")]
+    Mismatch(ChunkId),
+    #[error("chunk store I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The chunk files of one node.
+pub struct ChunkStore {
+    dir: PathBuf,
+    /// Totals for `admin status`.
+    bytes: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Opens a folder for fsync.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl ChunkStore {
+    /// Opens the store, creating the 256 fan-out folders once.
+    pub fn open(dir: &Path) -> std::io::Result<ChunkStore> {
+        std::fs::create_dir_all(dir)?;
+        let (mut bytes, mut count) = (0, 0);
+        for i in 0..=255u8 {
+            let sub = dir.join(format!("{i:02x}"));
+            if !sub.exists() {
+                std::fs::create_dir(&sub)?;
+            }
+            for f in std::fs::read_dir(&sub)? {
+                let f = f?;
+                let name = f.file_name();
+                if name.to_string_lossy().ends_with(".tmp") {
+                    // A write that never finished; nobody acknowledged it.
+                    let _ = std::fs::remove_file(f.path());
+                } else if name.len() == 64 {
+                    bytes += f.metadata()?.len();
+                    count += 1;
+                }
+            }
+        }
+        sync_dir(dir)?;
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+            bytes: AtomicU64::new(bytes),
+            count: AtomicU64::new(count),
+        })
+    }
+
+    fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.path(id).exists()
+    }
+
+    /// Bytes and number of chunk files held.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stores `data` under `id` durably, after checking that it hashes to
+    /// `id`. Storing a chunk that is already here is a no-op.
+    pub async fn put_verified(&self, id: ChunkId, data: Bytes) -> Result<(), ChunkError> {
+        let path = self.path(&id);
+        let result = tokio::task::spawn_blocking(move || -> Result<bool, ChunkError> {
+            if ChunkId::of(&data) != id {
+                return Err(ChunkError::Mismatch(id));
+            }
+            if path.exists() {
+                return Ok(false);
+            }
+            let tmp = path.with_extension(format!("{}.tmp", rand::random::<u32>()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(path.parent().expect("chunk paths have a folder"))?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        if result {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(
+                std::fs::metadata(self.path(&id)).map(|m| m.len()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads a chunk and verifies it. `Ok(None)` when this replica does not
+    /// have it, or had a corrupt copy (which is moved aside).
+    pub async fn get_verified(&self, id: ChunkId) -> Result<Option<Bytes>, ChunkError> {
+        let path = self.path(&id);
+        tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, ChunkError> {
+            let data = match std::fs::read(&path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            if ChunkId::of(&data) != id {
+                tracing::error!(chunk = ?id, "corrupt chunk moved aside");
+                let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                return Ok(None);
+            }
+            Ok(Some(Bytes::from(data)))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stores_reads_and_refuses_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = Bytes::from_static(b"granary");
+        let id = ChunkId::of(&data);
+        assert!(matches!(
+            store.put_verified(ChunkId::of(b"other"), data.clone()).await,
+            Err(ChunkError::Mismatch(_))
+        ));
+        store.put_verified(id, data.clone()).await.unwrap();
+        assert_eq!(store.get_verified(id).await.unwrap(), Some(data));
+        std::fs::write(store.path(&id), b"rotten").unwrap();
+        assert_eq!(store.get_verified(id).await.unwrap(), None);
+        assert!(!store.contains(&id), "corrupt copy must be moved aside");
+    }
+}

@@ -1,0 +1,142 @@
+//! A storage node: shard replicas, chunk files, and the RPC server that
+//! nodes, gateways and the admin CLI call. It listens only on its internal
+//! address, and only peers with a certificate of the cluster CA get in.
+
+pub mod chunks;
+pub mod objects;
+pub mod service;
+
+use crate::chunk::ChunkStore;
+use crate::config::{Bootstrap, NodeConfig};
+use crate::rpc::{pb, Pool, MAX_MESSAGE};
+use crate::shard::command::AccessKey;
+use crate::shard::{Command, ShardError, ShardHost};
+use crate::types::{now_ms, ShardId};
+use anyhow::Context;
+use chunks::Chunks;
+use objects::Objects;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A node that is serving; dropping it does not stop it, `stop` does.
+pub struct RunningNode {
+    pub host: Arc<ShardHost>,
+    pub objects: Objects,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stops serving and shuts every Raft down.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.host.shutdown().await;
+    }
+}
+
+/// Opens the node's storage, starts its shards and serves its RPC.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
+    cfg.cluster.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let db = sled::Config::new()
+        .path(cfg.data_dir.join("db"))
+        .cache_capacity(cfg.cache_mib * 1024 * 1024)
+        .open()
+        .with_context(|| format!("opening the database in {}", cfg.data_dir.display()))?;
+    let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
+    let pool = Arc::new(Pool::new(&cfg.tls)?);
+    let (named_tx, named_rx) = mpsc::unbounded_channel();
+    let host = Arc::new(
+        ShardHost::start(cfg.node_id, &cfg.cluster, &cfg.raft, &db, pool, named_tx).await?,
+    );
+    let chunks = Chunks {
+        host: host.clone(),
+        store,
+    };
+    tokio::spawn(chunks.clone().repair(named_rx));
+    let objects = Objects { chunks };
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let service = pb::node_server::NodeServer::new(service::NodeService {
+        objects: objects.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let router = tonic::transport::Server::builder()
+        .tls_config(crate::tls::rpc_server_tls(&cfg.tls)?)?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(service);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        {
+            tracing::error!("rpc server: {e}");
+        }
+    });
+    if let Some(b) = cfg.bootstrap.clone() {
+        tokio::spawn(bootstrap(objects.clone(), b));
+    }
+    tracing::info!(node = cfg.node_id, addr = %cfg.listen, "node serving");
+    Ok(RunningNode {
+        host,
+        objects,
+        stop: Some(stop_tx),
+        server,
+    })
+}
+
+/// Creates the bootstrap tenant, key and bucket once the meta shard has a
+/// leader. Every step is idempotent, so all nodes may try.
+async fn bootstrap(objects: Objects, b: Bootstrap) {
+    loop {
+        match bootstrap_once(&objects, &b).await {
+            Ok(()) => {
+                tracing::info!(tenant = %b.tenant, bucket = %b.bucket, "bootstrap tenant ready");
+                return;
+            }
+            Err(e) => tracing::debug!("bootstrap not done yet: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn bootstrap_once(objects: &Objects, b: &Bootstrap) -> Result<(), ShardError> {
+    let host = &objects.chunks.host;
+    if objects.access_key(&b.access_key).await?.is_some()
+        && objects.head_bucket(&b.tenant, &b.bucket).await.is_ok()
+    {
+        return Ok(());
+    }
+    let tenant = Command::PutTenant {
+        tenant: b.tenant.clone(),
+        created_ms: now_ms(),
+    };
+    host.propose(ShardId::META, &tenant).await?;
+    let key = Command::PutAccessKey {
+        access_key: b.access_key.clone(),
+        key: AccessKey {
+            tenant: b.tenant.clone(),
+            secret_key: b.secret_key.clone(),
+        },
+    };
+    host.propose(ShardId::META, &key).await?;
+    match objects.create_bucket(&b.tenant, &b.bucket).await {
+        Ok(()) | Err(ShardError::BucketExists) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

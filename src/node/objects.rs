@@ -1,0 +1,477 @@
+//! The object coordinator: how a node turns one S3 operation into chunk
+//! writes and shard commands.
+//!
+//! A PUT streams the body into chunks of [`CHUNK_SIZE`], replicates each to
+//! a majority of its chunk shard (a few in flight at once, so memory stays
+//! bounded whatever the object's size), records them in their shards' logs,
+//! and only then commits the manifest to the bucket's index shard. Bodies up
+//! to [`INLINE_MAX`] skip the chunks and ride in the manifest. Until the
+//! manifest commits, nothing of the new object is visible; a failed upload
+//! leaves only unreferenced chunks for the collector.
+
+use super::chunks::Chunks;
+use crate::shard::command::{Body, ChunkSpan, ListPage, Manifest, Part, Upload};
+use crate::shard::{Command, Query, ShardError, Value};
+use crate::types::{now_ms, ShardId};
+use bytes::{Bytes, BytesMut};
+use futures::stream::{BoxStream, Stream, StreamExt};
+use md5::{Digest, Md5};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Size of one chunk of object content.
+pub const CHUNK_SIZE: usize = 4 * 1024 * 1024;
+/// Bodies up to this size are stored inside their manifest.
+pub const INLINE_MAX: usize = 64 * 1024;
+/// Chunks of one upload being replicated at once.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Chunks of one download read ahead.
+const READ_AHEAD: usize = 2;
+/// S3's largest part number.
+pub const MAX_PART_NUMBER: u32 = 10_000;
+
+type Result<T> = std::result::Result<T, ShardError>;
+
+/// A body stored as chunks or inline, with its MD5 and size.
+pub struct Ingested {
+    pub size: u64,
+    pub md5_hex: String,
+    pub body: Body,
+}
+
+/// What a new object or part is called and described as.
+pub struct Target {
+    pub tenant: String,
+    pub bucket: String,
+    pub key: String,
+    pub content_type: String,
+    pub user_metadata: BTreeMap<String, String>,
+    /// `(upload_id, part_number)` for UploadPart.
+    pub part: Option<(String, u32)>,
+}
+
+/// Coordinates object operations from this node.
+#[derive(Clone)]
+pub struct Objects {
+    pub chunks: Chunks,
+}
+
+fn unexpected(v: Value) -> ShardError {
+    ShardError::Internal(format!("unexpected reply {v:?}"))
+}
+
+impl Objects {
+    fn host(&self) -> &crate::shard::ShardHost {
+        &self.chunks.host
+    }
+
+    fn index(&self, tenant: &str, bucket: &str) -> ShardId {
+        self.host().layout.shard_for_bucket(tenant, bucket)
+    }
+
+    pub async fn access_key(&self, access_key: &str) -> Result<Option<crate::shard::command::AccessKey>> {
+        let q = Query::AccessKey {
+            access_key: access_key.to_string(),
+        };
+        match self.host().query(ShardId::META, &q).await? {
+            Value::AccessKey(k) => Ok(k),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    pub async fn list_buckets(&self, tenant: &str) -> Result<Vec<(String, i64)>> {
+        let q = Query::Buckets {
+            tenant: tenant.to_string(),
+        };
+        match self.host().query(ShardId::META, &q).await? {
+            Value::Buckets(b) => Ok(b),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    /// Opens the index first, then adds the catalogue entry: a crash in
+    /// between leaves an index that a retry adopts.
+    pub async fn create_bucket(&self, tenant: &str, bucket: &str) -> Result<()> {
+        let (t, b) = (tenant.to_string(), bucket.to_string());
+        match self
+            .host()
+            .propose(self.index(tenant, bucket), &Command::OpenIndex { tenant: t.clone(), bucket: b.clone() })
+            .await
+        {
+            Ok(_) | Err(ShardError::BucketExists) => {}
+            Err(e) => return Err(e),
+        }
+        let add = Command::AddBucket {
+            tenant: t,
+            bucket: b,
+            created_ms: now_ms(),
+        };
+        self.host().propose(ShardId::META, &add).await.map(|_| ())
+    }
+
+    /// Closes the index (refused unless empty), then drops the catalogue
+    /// entry.
+    pub async fn delete_bucket(&self, tenant: &str, bucket: &str) -> Result<()> {
+        let close = Command::CloseIndex {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+        };
+        let closed = self.host().propose(self.index(tenant, bucket), &close).await;
+        if let Err(e) = &closed {
+            if *e != ShardError::NoSuchBucket {
+                return closed.map(|_| ());
+            }
+        }
+        let remove = Command::RemoveBucket {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+        };
+        self.host().propose(ShardId::META, &remove).await?;
+        closed.map(|_| ())
+    }
+
+    pub async fn head_bucket(&self, tenant: &str, bucket: &str) -> Result<()> {
+        let q = Query::IndexExists {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::Exists(true) => Ok(()),
+            Value::Exists(false) => Err(ShardError::NoSuchBucket),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    /// Streams `body` into chunks (or inline), a few chunks in flight.
+    pub async fn ingest<S>(&self, mut body: S, inline_ok: bool) -> Result<Ingested>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let mut md5 = Md5::new();
+        let mut size = 0u64;
+        let mut buf = BytesMut::new();
+        let mut pending = VecDeque::new();
+        let mut spans: Vec<ChunkSpan> = Vec::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece?;
+            md5.update(&piece);
+            size += piece.len() as u64;
+            buf.extend_from_slice(&piece);
+            while buf.len() >= CHUNK_SIZE {
+                let chunk = buf.split_to(CHUNK_SIZE).freeze();
+                let chunks = self.chunks.clone();
+                pending.push_back(tokio::spawn(async move { chunks.replicate(chunk).await }));
+                if pending.len() > CHUNKS_IN_FLIGHT {
+                    spans.push(join(pending.pop_front()).await?);
+                }
+            }
+        }
+        let md5_hex = hex::encode(md5.finalize());
+        if inline_ok && pending.is_empty() && spans.is_empty() && buf.len() <= INLINE_MAX {
+            return Ok(Ingested {
+                size,
+                md5_hex,
+                body: Body::Inline(buf.to_vec()),
+            });
+        }
+        if !buf.is_empty() {
+            let chunks = self.chunks.clone();
+            let chunk = buf.freeze();
+            pending.push_back(tokio::spawn(async move { chunks.replicate(chunk).await }));
+        }
+        while !pending.is_empty() {
+            spans.push(join(pending.pop_front()).await?);
+        }
+        self.chunks.record(&spans).await?;
+        Ok(Ingested {
+            size,
+            md5_hex,
+            body: Body::Chunks(spans),
+        })
+    }
+
+    /// Stores an ingested body as an object or a part and returns its ETag.
+    pub async fn commit(&self, target: Target, data: Ingested) -> Result<(String, u64, i64)> {
+        let modified_ms = now_ms();
+        let shard = self.index(&target.tenant, &target.bucket);
+        let cmd = match target.part {
+            Some((upload_id, part_number)) => {
+                let Body::Chunks(chunks) = data.body else {
+                    return Err(ShardError::Internal("parts are never inline".into()));
+                };
+                Command::PutPart {
+                    tenant: target.tenant,
+                    bucket: target.bucket,
+                    key: target.key,
+                    upload_id,
+                    part_number,
+                    part: Part {
+                        etag: data.md5_hex.clone(),
+                        size: data.size,
+                        modified_ms,
+                        chunks,
+                    },
+                }
+            }
+            None => Command::PutObject {
+                tenant: target.tenant,
+                bucket: target.bucket,
+                key: target.key,
+                manifest: Manifest {
+                    size: data.size,
+                    etag: data.md5_hex.clone(),
+                    content_type: target.content_type,
+                    user_metadata: target.user_metadata,
+                    modified_ms,
+                    body: data.body,
+                },
+            },
+        };
+        self.host().propose(shard, &cmd).await?;
+        Ok((data.md5_hex, data.size, modified_ms))
+    }
+
+    /// Checks that the bucket (and upload, for a part) exist before any
+    /// byte is stored, so a bad request costs no chunk writes.
+    pub async fn check_target(&self, target: &Target) -> Result<()> {
+        match &target.part {
+            None => self.head_bucket(&target.tenant, &target.bucket).await,
+            Some((upload_id, number)) => {
+                if *number == 0 || *number > MAX_PART_NUMBER {
+                    return Err(ShardError::InvalidArgument(format!(
+                        "part number must be between 1 and {MAX_PART_NUMBER}"
+                    )));
+                }
+                self.upload(&target.tenant, &target.bucket, &target.key, upload_id)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    pub async fn manifest(&self, tenant: &str, bucket: &str, key: &str) -> Result<Manifest> {
+        let q = Query::Object {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::Object(Some(m)) => Ok(m),
+            Value::Object(None) => Err(ShardError::NoSuchKey),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    /// The bytes `[start, end)` of an object, read ahead a few chunks.
+    pub fn read(&self, manifest: &Manifest, start: u64, end: u64) -> BoxStream<'static, Result<Bytes>> {
+        match &manifest.body {
+            Body::Inline(data) => {
+                let slice = Bytes::copy_from_slice(&data[start as usize..end as usize]);
+                futures::stream::once(async move { Ok(slice) }).boxed()
+            }
+            Body::Chunks(spans) => {
+                let mut pieces = Vec::new();
+                let mut offset = 0u64;
+                for span in spans {
+                    let (lo, hi) = (offset, offset + span.len);
+                    offset = hi;
+                    if hi <= start || lo >= end {
+                        continue;
+                    }
+                    let from = start.max(lo) - lo;
+                    let to = end.min(hi) - lo;
+                    pieces.push((span.id, from as usize, to as usize));
+                }
+                let chunks = self.chunks.clone();
+                futures::stream::iter(pieces)
+                    .map(move |(id, from, to)| {
+                        let chunks = chunks.clone();
+                        async move { chunks.fetch(id).await.map(|d| d.slice(from..to)) }
+                    })
+                    .buffered(READ_AHEAD)
+                    .boxed()
+            }
+        }
+    }
+
+    pub async fn delete(&self, tenant: &str, bucket: &str, key: &str) -> Result<()> {
+        let cmd = Command::DeleteObject {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        };
+        self.host().propose(self.index(tenant, bucket), &cmd).await.map(|_| ())
+    }
+
+    /// Copies an object: chunks are shared, only the manifest is new.
+    pub async fn copy(
+        &self,
+        tenant: &str,
+        src: (&str, &str),
+        dst: (&str, &str),
+        replace: Option<(String, BTreeMap<String, String>)>,
+    ) -> Result<(String, u64, i64)> {
+        let mut manifest = self.manifest(tenant, src.0, src.1).await?;
+        if let Some((content_type, user_metadata)) = replace {
+            manifest.content_type = content_type;
+            manifest.user_metadata = user_metadata;
+        }
+        manifest.modified_ms = now_ms();
+        let reply = (manifest.etag.clone(), manifest.size, manifest.modified_ms);
+        let cmd = Command::PutObject {
+            tenant: tenant.to_string(),
+            bucket: dst.0.to_string(),
+            key: dst.1.to_string(),
+            manifest,
+        };
+        self.host().propose(self.index(tenant, dst.0), &cmd).await?;
+        Ok(reply)
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        prefix: &str,
+        delimiter: &str,
+        start_after: &str,
+        max_keys: u32,
+    ) -> Result<ListPage> {
+        let q = Query::List {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            delimiter: delimiter.to_string(),
+            start_after: start_after.to_string(),
+            max_keys,
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::List(page) => Ok(page),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    pub async fn create_upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        content_type: String,
+        user_metadata: BTreeMap<String, String>,
+    ) -> Result<String> {
+        let upload_id = hex::encode(rand::random::<[u8; 16]>());
+        let cmd = Command::CreateUpload {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            upload: Upload {
+                key: key.to_string(),
+                upload_id: upload_id.clone(),
+                content_type,
+                user_metadata,
+                initiated_ms: now_ms(),
+            },
+        };
+        self.host().propose(self.index(tenant, bucket), &cmd).await?;
+        Ok(upload_id)
+    }
+
+    pub async fn upload(&self, tenant: &str, bucket: &str, key: &str, upload_id: &str) -> Result<Upload> {
+        let q = Query::Upload {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::Upload(Some(u)) => Ok(u),
+            Value::Upload(None) => Err(ShardError::NoSuchUpload),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    pub async fn complete_upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(u32, String)>,
+    ) -> Result<Manifest> {
+        let cmd = Command::CompleteUpload {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+            parts,
+            modified_ms: now_ms(),
+        };
+        match self.host().propose(self.index(tenant, bucket), &cmd).await? {
+            Value::Object(Some(m)) => Ok(m),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    pub async fn abort_upload(&self, tenant: &str, bucket: &str, key: &str, upload_id: &str) -> Result<()> {
+        let cmd = Command::AbortUpload {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+        };
+        self.host().propose(self.index(tenant, bucket), &cmd).await.map(|_| ())
+    }
+
+    pub async fn list_parts(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        after: u32,
+        max: u32,
+    ) -> Result<(Vec<(u32, Part)>, bool)> {
+        self.upload(tenant, bucket, key, upload_id).await?;
+        let q = Query::Parts {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            upload_id: upload_id.to_string(),
+            after,
+            max,
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::Parts { parts, truncated } => Ok((parts, truncated)),
+            v => Err(unexpected(v)),
+        }
+    }
+
+    pub async fn list_uploads(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        prefix: &str,
+        key_marker: &str,
+        upload_id_marker: &str,
+        max: u32,
+    ) -> Result<(Vec<Upload>, bool)> {
+        let q = Query::Uploads {
+            tenant: tenant.to_string(),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            key_marker: key_marker.to_string(),
+            upload_id_marker: upload_id_marker.to_string(),
+            max,
+        };
+        match self.host().query(self.index(tenant, bucket), &q).await? {
+            Value::Uploads { uploads, truncated } => Ok((uploads, truncated)),
+            v => Err(unexpected(v)),
+        }
+    }
+}
+
+async fn join(
+    handle: Option<tokio::task::JoinHandle<Result<ChunkSpan>>>,
+) -> Result<ChunkSpan> {
+    handle
+        .ok_or_else(|| ShardError::Internal("no pending chunk".into()))?
+        .await
+        .map_err(|e| ShardError::Internal(e.to_string()))?
+}

@@ -1,0 +1,428 @@
+//! The node's RPC server: the `Node` service of proto/lumbung.proto.
+//! Each handler decodes, calls the shard host or the object coordinator,
+//! and encodes; no logic lives here.
+
+use super::objects::{Objects, Target};
+use crate::rpc::{error_of, pb, status_of};
+use crate::shard::command::Manifest;
+use crate::shard::{decode, encode, Command, Query, ShardError};
+use crate::types::{ChunkId, ShardId};
+use bytes::Bytes;
+use futures::stream::StreamExt;
+use pb::node_server::Node;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The RPC face of one node.
+pub struct NodeService {
+    pub objects: Objects,
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+
+fn info(key: &str, m: &Manifest) -> pb::ObjectInfo {
+    pb::ObjectInfo {
+        key: key.to_string(),
+        size: m.size,
+        etag: m.etag.clone(),
+        content_type: m.content_type.clone(),
+        modified_ms: m.modified_ms,
+        user_metadata: m.user_metadata.clone().into_iter().collect(),
+    }
+}
+
+fn ok<T>(v: T) -> Rpc<T> {
+    Ok(Response::new(v))
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    status_of(ShardError::InvalidArgument(msg.into()))
+}
+
+/// Reads a tonic stream of PUT frames as a plain byte stream, and remembers
+/// the commit frame when it comes.
+fn body_of(
+    frames: Streaming<pb::PutFrame>,
+    commit: Arc<std::sync::Mutex<Option<pb::PutCommit>>>,
+) -> impl futures::Stream<Item = Result<Bytes, ShardError>> + Unpin {
+    frames
+        .filter_map(move |f| {
+            let commit = commit.clone();
+            async move {
+                match f {
+                    Err(s) => Some(Err(error_of(&s))),
+                    Ok(pb::PutFrame {
+                        frame: Some(pb::put_frame::Frame::Data(d)),
+                    }) => Some(Ok(Bytes::from(d))),
+                    Ok(pb::PutFrame {
+                        frame: Some(pb::put_frame::Frame::Commit(c)),
+                    }) => {
+                        *commit.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+                        None
+                    }
+                    Ok(_) => Some(Err(ShardError::InvalidArgument(
+                        "unexpected frame in PUT body".into(),
+                    ))),
+                }
+            }
+        })
+        .boxed()
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn raft(&self, req: Request<pb::RaftMessage>) -> Rpc<pb::RaftMessage> {
+        let msg = req.into_inner();
+        let shard = ShardId(msg.shard);
+        let raft = self
+            .objects
+            .chunks
+            .host
+            .raft(shard)
+            .ok_or_else(|| Status::not_found(format!("no replica of shard {shard} here")))?;
+        let de = |e: rmp_serde::decode::Error| Status::invalid_argument(e.to_string());
+        let payload = match msg.kind.as_str() {
+            "append" => encode(&raft.append_entries(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
+            "vote" => encode(&raft.vote(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
+            "snapshot" => encode(&raft.install_snapshot(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
+            other => return Err(Status::invalid_argument(format!("unknown raft message {other}"))),
+        };
+        ok(pb::RaftMessage {
+            shard: msg.shard,
+            kind: msg.kind,
+            payload,
+        })
+    }
+
+    async fn propose(&self, req: Request<pb::ShardCall>) -> Rpc<pb::ShardReply> {
+        let call = req.into_inner();
+        let cmd: Command = decode(&call.payload).map_err(status_of)?;
+        let reply = self.objects.chunks.host.propose_here(ShardId(call.shard), &cmd).await;
+        ok(pb::ShardReply { payload: encode(&reply) })
+    }
+
+    async fn query(&self, req: Request<pb::ShardCall>) -> Rpc<pb::ShardReply> {
+        let call = req.into_inner();
+        let q: Query = decode(&call.payload).map_err(status_of)?;
+        let reply = self.objects.chunks.host.query_here(ShardId(call.shard), &q).await;
+        ok(pb::ShardReply { payload: encode(&reply) })
+    }
+
+    async fn put_chunk(&self, req: Request<pb::Chunk>) -> Rpc<pb::Empty> {
+        let c = req.into_inner();
+        let id = ChunkId::from_slice(&c.id).ok_or_else(|| bad("chunk id must be 32 bytes"))?;
+        self.objects
+            .chunks
+            .store
+            .put_verified(id, Bytes::from(c.data))
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        ok(pb::Empty {})
+    }
+
+    async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Rpc<pb::Chunk> {
+        let r = req.into_inner();
+        let id = ChunkId::from_slice(&r.id).ok_or_else(|| bad("chunk id must be 32 bytes"))?;
+        match self.objects.chunks.store.get_verified(id).await {
+            Ok(Some(data)) => ok(pb::Chunk {
+                id: r.id,
+                data: data.to_vec(),
+            }),
+            Ok(None) => Err(Status::not_found("chunk not on this replica")),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn lookup_access_key(&self, req: Request<pb::AccessKeyRequest>) -> Rpc<pb::AccessKeyReply> {
+        let r = req.into_inner();
+        match self.objects.access_key(&r.access_key).await.map_err(status_of)? {
+            Some(k) => ok(pb::AccessKeyReply {
+                tenant: k.tenant,
+                secret_key: k.secret_key,
+            }),
+            None => Err(Status::not_found("no such access key")),
+        }
+    }
+
+    async fn list_buckets(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::BucketList> {
+        let r = req.into_inner();
+        let buckets = self.objects.list_buckets(&r.tenant).await.map_err(status_of)?;
+        ok(pb::BucketList {
+            buckets: buckets
+                .into_iter()
+                .map(|(name, created_ms)| pb::BucketEntry { name, created_ms })
+                .collect(),
+        })
+    }
+
+    async fn create_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects.create_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn delete_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects.delete_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn head_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects.head_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn put_object(&self, req: Request<Streaming<pb::PutFrame>>) -> Rpc<pb::PutReply> {
+        let mut frames = req.into_inner();
+        let header = match frames.next().await {
+            Some(Ok(pb::PutFrame {
+                frame: Some(pb::put_frame::Frame::Header(h)),
+            })) => h,
+            _ => return Err(bad("a PUT stream must start with its header")),
+        };
+        let part = (!header.upload_id.is_empty()).then(|| (header.upload_id.clone(), header.part_number));
+        let target = Target {
+            tenant: header.tenant,
+            bucket: header.bucket,
+            key: header.key,
+            content_type: header.content_type,
+            user_metadata: header.user_metadata.into_iter().collect(),
+            part,
+        };
+        self.objects.check_target(&target).await.map_err(status_of)?;
+        let commit = Arc::new(std::sync::Mutex::new(None));
+        let body = body_of(frames, commit.clone());
+        let data = self
+            .objects
+            .ingest(body, target.part.is_none())
+            .await
+            .map_err(status_of)?;
+        let commit = commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Status::aborted("the PUT stream ended without its commit frame"))?;
+        if commit.size != data.size {
+            return Err(bad(format!(
+                "received {} bytes, the gateway sent {}",
+                data.size, commit.size
+            )));
+        }
+        if !commit.content_md5_hex.is_empty() && commit.content_md5_hex != data.md5_hex {
+            return Err(status_of(ShardError::BadDigest));
+        }
+        let (etag, size, modified_ms) = self.objects.commit(target, data).await.map_err(status_of)?;
+        ok(pb::PutReply {
+            etag,
+            size,
+            modified_ms,
+        })
+    }
+
+    type GetObjectStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GetFrame, Status>> + Send>>;
+
+    async fn get_object(&self, req: Request<pb::GetRequest>) -> Rpc<Self::GetObjectStream> {
+        let r = req.into_inner();
+        let m = self.objects.manifest(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
+        let (start, end) = if r.ranged { (r.start, r.end) } else { (0, m.size) };
+        if start > end || end > m.size {
+            return Err(status_of(ShardError::InvalidRange));
+        }
+        let first = pb::GetFrame {
+            frame: Some(pb::get_frame::Frame::Info(info(&r.key, &m))),
+        };
+        let data = self.objects.read(&m, start, end).map(|piece| {
+            piece
+                .map(|d| pb::GetFrame {
+                    frame: Some(pb::get_frame::Frame::Data(d.to_vec())),
+                })
+                .map_err(status_of)
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut frames = futures::stream::once(async { Ok(first) }).chain(data).boxed();
+            while let Some(f) = frames.next().await {
+                if tx.send(f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn head_object(&self, req: Request<pb::ObjectRequest>) -> Rpc<pb::ObjectInfo> {
+        let r = req.into_inner();
+        let m = self.objects.manifest(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
+        ok(info(&r.key, &m))
+    }
+
+    async fn delete_object(&self, req: Request<pb::ObjectRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects.delete(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn copy_object(&self, req: Request<pb::CopyRequest>) -> Rpc<pb::PutReply> {
+        let r = req.into_inner();
+        let (etag, size, modified_ms) = if r.upload_id.is_empty() {
+            let replace = r
+                .replace_metadata
+                .then(|| (r.content_type.clone(), r.user_metadata.clone().into_iter().collect()));
+            self.objects
+                .copy(&r.tenant, (&r.src_bucket, &r.src_key), (&r.dst_bucket, &r.dst_key), replace)
+                .await
+                .map_err(status_of)?
+        } else {
+            self.copy_part(r).await.map_err(status_of)?
+        };
+        ok(pb::PutReply {
+            etag,
+            size,
+            modified_ms,
+        })
+    }
+
+    async fn list_objects(&self, req: Request<pb::ListRequest>) -> Rpc<pb::ListReply> {
+        let r = req.into_inner();
+        let page = self
+            .objects
+            .list(&r.tenant, &r.bucket, &r.prefix, &r.delimiter, &r.start_after, r.max_keys)
+            .await
+            .map_err(status_of)?;
+        ok(pb::ListReply {
+            objects: page.objects.iter().map(|(k, m)| info(k, m)).collect(),
+            common_prefixes: page.common_prefixes,
+            truncated: page.truncated,
+            next_marker: page.next_marker,
+        })
+    }
+
+    async fn create_upload(&self, req: Request<pb::CreateUploadRequest>) -> Rpc<pb::UploadId> {
+        let r = req.into_inner();
+        let upload_id = self
+            .objects
+            .create_upload(
+                &r.tenant,
+                &r.bucket,
+                &r.key,
+                r.content_type,
+                r.user_metadata.into_iter().collect(),
+            )
+            .await
+            .map_err(status_of)?;
+        ok(pb::UploadId { upload_id })
+    }
+
+    async fn complete_upload(&self, req: Request<pb::CompleteRequest>) -> Rpc<pb::PutReply> {
+        let r = req.into_inner();
+        let parts = r.parts.into_iter().map(|p| (p.part_number, p.etag)).collect();
+        let m = self
+            .objects
+            .complete_upload(&r.tenant, &r.bucket, &r.key, &r.upload_id, parts)
+            .await
+            .map_err(status_of)?;
+        ok(pb::PutReply {
+            etag: m.etag,
+            size: m.size,
+            modified_ms: m.modified_ms,
+        })
+    }
+
+    async fn abort_upload(&self, req: Request<pb::UploadRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects
+            .abort_upload(&r.tenant, &r.bucket, &r.key, &r.upload_id)
+            .await
+            .map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn list_parts(&self, req: Request<pb::ListPartsRequest>) -> Rpc<pb::ListPartsReply> {
+        let r = req.into_inner();
+        let (parts, truncated) = self
+            .objects
+            .list_parts(&r.tenant, &r.bucket, &r.key, &r.upload_id, r.part_number_marker, r.max_parts)
+            .await
+            .map_err(status_of)?;
+        ok(pb::ListPartsReply {
+            next_marker: parts.last().map(|p| p.0).unwrap_or(0),
+            truncated,
+            parts: parts
+                .into_iter()
+                .map(|(n, p)| pb::PartInfo {
+                    part_number: n,
+                    etag: p.etag,
+                    size: p.size,
+                    modified_ms: p.modified_ms,
+                })
+                .collect(),
+        })
+    }
+
+    async fn list_uploads(&self, req: Request<pb::ListUploadsRequest>) -> Rpc<pb::ListUploadsReply> {
+        let r = req.into_inner();
+        let (uploads, truncated) = self
+            .objects
+            .list_uploads(&r.tenant, &r.bucket, &r.prefix, &r.key_marker, &r.upload_id_marker, r.max_uploads)
+            .await
+            .map_err(status_of)?;
+        ok(pb::ListUploadsReply {
+            truncated,
+            uploads: uploads
+                .into_iter()
+                .map(|u| pb::UploadInfo {
+                    key: u.key,
+                    upload_id: u.upload_id,
+                    initiated_ms: u.initiated_ms,
+                })
+                .collect(),
+        })
+    }
+
+    async fn status(&self, _req: Request<pb::Empty>) -> Rpc<pb::NodeStatus> {
+        let host = &self.objects.chunks.host;
+        let (chunk_bytes, chunk_count) = self.objects.chunks.store.totals();
+        ok(pb::NodeStatus {
+            node_id: host.id,
+            addr: host.addr_of(host.id).map(|a| a.to_string()).unwrap_or_default(),
+            shards: host.status(),
+            chunk_bytes,
+            chunk_count,
+            rss_bytes: rss_bytes(),
+        })
+    }
+}
+
+impl NodeService {
+    /// UploadPartCopy: the source range is re-chunked as a new part.
+    async fn copy_part(&self, r: pb::CopyRequest) -> Result<(String, u64, i64), ShardError> {
+        let m = self.objects.manifest(&r.tenant, &r.src_bucket, &r.src_key).await?;
+        let (start, end) = if r.ranged { (r.start, r.end) } else { (0, m.size) };
+        if start > end || end > m.size {
+            return Err(ShardError::InvalidRange);
+        }
+        let target = Target {
+            tenant: r.tenant,
+            bucket: r.dst_bucket,
+            key: r.dst_key,
+            content_type: String::new(),
+            user_metadata: Default::default(),
+            part: Some((r.upload_id, r.part_number)),
+        };
+        self.objects.check_target(&target).await?;
+        let data = self.objects.ingest(self.objects.read(&m, start, end), false).await?;
+        self.objects.commit(target, data).await
+    }
+}
+
+/// Resident memory of this process, from /proc.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
