@@ -20,3 +20,7 @@ pub mod tls;
 pub mod types;
 pub mod chunk;
 pub mod node;
+pub mod gateway;
+pub mod s3;
+pub mod admin;
+pub mod dev;

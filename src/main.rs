@@ -1,1 +1,213 @@
-fn main() {}
+//! The `lumbung` command: run a node, a gateway or a whole dev cluster, and
+//! administer a cluster.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lumbung::admin::{self, InitOptions};
+use lumbung::config::{self, AdminConfig, GatewayConfig, NodeConfig};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "lumbung", version, about = "Replicated, encrypted, S3-compatible object storage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a 3-node cluster and a gateway on loopback, with a demo tenant.
+    Dev {
+        /// Where the cluster's files and data live; reused on restart.
+        #[arg(long, default_value = "./lumbung-data")]
+        data_dir: PathBuf,
+        /// Also write the S3 endpoint and credentials to this file.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// The gateway's port; nodes use the next three.
+        #[arg(long, default_value_t = 7480)]
+        base_port: u16,
+    },
+    /// Run one storage node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one S3 gateway.
+    Gateway {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Administer a cluster.
+    Admin {
+        /// The admin.toml that init-cluster wrote.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Write the CA, certificates and config files of a new cluster.
+    InitCluster {
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        dir: PathBuf,
+        /// The gateway's port; node i listens on base-port + i.
+        #[arg(long, default_value_t = 7480)]
+        base_port: u16,
+        /// Number of Raft groups, fixed for the cluster's life.
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// Replicas per shard (at least 2).
+        #[arg(long, default_value_t = 3)]
+        replication: usize,
+        /// Address all parts bind to.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Region name clients sign with.
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+    },
+    /// Nodes, their health, shards with leader and replicas, bytes stored.
+    Status,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,lumbung=info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn dev(data_dir: PathBuf, env_file: Option<PathBuf>, base_port: u16) -> anyhow::Result<()> {
+    let opts = lumbung::dev::DevOptions::new(data_dir, base_port);
+    eprintln!("starting Lumbung dev cluster in {} ...", opts.data_dir.display());
+    let cluster = lumbung::dev::start(&opts).await?;
+    let env = cluster.env.clone();
+    if let Some(f) = env_file {
+        std::fs::write(&f, env.lines()).with_context(|| format!("writing {}", f.display()))?;
+    }
+    println!(
+        "Lumbung dev cluster is up: 3 nodes (RF 3) and a TLS gateway; data in {dir}\n\n  \
+         endpoint   {e}\n  region     {r}\n  access key {a}\n  secret key {s}\n  bucket     {b}\n  CA         {ca}\n\n\
+         Try:\n  AWS_ACCESS_KEY_ID={a} AWS_SECRET_ACCESS_KEY={s} AWS_DEFAULT_REGION={r} \
+         aws --endpoint-url {e} --ca-bundle {ca} s3 ls s3://{b}\n\n\
+         Status: lumbung admin --config {dir}/admin.toml status\nStop with Ctrl-C.",
+        dir = cluster.dir.display(),
+        e = env.endpoint,
+        r = env.region,
+        a = env.access_key,
+        s = env.secret_key,
+        b = env.bucket,
+        ca = env.ca_cert.display(),
+    );
+    wait_for_signal().await;
+    eprintln!("stopping ...");
+    cluster.stop().await;
+    Ok(())
+}
+
+async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::InitCluster {
+            nodes,
+            dir,
+            base_port,
+            shards,
+            replication,
+            host,
+            region,
+        } => {
+            let env = admin::init_cluster(&InitOptions {
+                nodes,
+                dir: dir.clone(),
+                base_port,
+                shards,
+                replication,
+                host,
+                region,
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"dir": dir, "endpoint": env.endpoint, "env_file": dir.join("s3.env")})
+                );
+            } else {
+                println!(
+                    "wrote a {nodes}-node cluster to {}: node1.toml..node{nodes}.toml, gateway.toml, admin.toml, s3.env\n\
+                     start each with `lumbung node --config {0}/nodeN.toml` and `lumbung gateway --config {0}/gateway.toml`",
+                    dir.display()
+                );
+            }
+        }
+        AdminCommand::Status => {
+            let path = config.context("--config ADMIN.toml is required")?;
+            let cfg: AdminConfig = config::load(&path)?;
+            let view = admin::status::collect(&cfg).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", admin::status::render(&view));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dev {
+            data_dir,
+            env_file,
+            base_port,
+        } => dev(data_dir, env_file, base_port).await,
+        Command::Node { config } => run_node(config).await,
+        Command::Gateway { config } => run_gateway(config).await,
+        Command::Admin {
+            config,
+            json,
+            command,
+        } => admin(config, json, command).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run_node(path: PathBuf) -> anyhow::Result<()> {
+    let cfg: NodeConfig = config::load(&path)?;
+    let node = lumbung::node::start(cfg).await?;
+    wait_for_signal().await;
+    node.stop().await;
+    Ok(())
+}
+
+async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
+    let cfg: GatewayConfig = config::load(&path)?;
+    let gw = lumbung::gateway::start(cfg).await?;
+    wait_for_signal().await;
+    gw.stop().await;
+    Ok(())
+}

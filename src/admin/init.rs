@@ -1,0 +1,201 @@
+//! `lumbung admin init-cluster`: everything a deployment of N nodes needs,
+//! written once into one folder: the CA, each identity, each config file,
+//! and the bootstrap tenant's credentials.
+
+use crate::config::{
+    AdminConfig, Bootstrap, ClusterSpec, GatewayConfig, NodeConfig, NodeEntry, RaftTuning,
+    TlsFiles,
+};
+use crate::tls::{write_pem, Authority, Role};
+use anyhow::{bail, Context};
+use rand::distributions::{Alphanumeric, DistString};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub nodes: usize,
+    pub dir: PathBuf,
+    /// The gateway listens here; node i on `base_port + i`.
+    pub base_port: u16,
+    pub shards: u32,
+    pub replication: usize,
+    /// Address every part binds to (one machine) .
+    pub host: IpAddr,
+    pub region: String,
+}
+
+/// The S3 credentials and endpoint of the bootstrap tenant.
+#[derive(Clone, Debug)]
+pub struct S3Env {
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    pub ca_cert: PathBuf,
+}
+
+impl S3Env {
+    /// The `KEY=value` lines that `--env-file` and `s3.env` hold.
+    pub fn lines(&self) -> String {
+        format!(
+            "S3_ENDPOINT={}\nS3_REGION={}\nS3_ACCESS_KEY={}\nS3_SECRET_KEY={}\nS3_BUCKET={}\nS3_CA_CERT={}\n",
+            self.endpoint,
+            self.region,
+            self.access_key,
+            self.secret_key,
+            self.bucket,
+            self.ca_cert.display()
+        )
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<S3Env> {
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .with_context(|| format!("{k} missing"))
+        };
+        Ok(S3Env {
+            endpoint: get("S3_ENDPOINT")?,
+            region: get("S3_REGION")?,
+            access_key: get("S3_ACCESS_KEY")?,
+            secret_key: get("S3_SECRET_KEY")?,
+            bucket: get("S3_BUCKET")?,
+            ca_cert: get("S3_CA_CERT")?.into(),
+        })
+    }
+}
+
+fn write_toml<T: serde::Serialize>(path: &Path, header: &str, value: &T) -> anyhow::Result<()> {
+    let body = toml::to_string_pretty(value)?;
+    std::fs::write(path, format!("{header}\n{body}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn issue(ca: &Authority, dir: &Path, name: &str, names: &[String], role: Role) -> anyhow::Result<TlsFiles> {
+    let id = ca.issue(name, names, role)?;
+    write_pem(&dir.join(format!("{name}.pem")), &id.cert_pem, false)?;
+    write_pem(&dir.join(format!("{name}.key")), &id.key_pem, true)?;
+    Ok(TlsFiles {
+        ca: "ca.pem".into(),
+        cert: format!("{name}.pem").into(),
+        key: format!("{name}.key").into(),
+    })
+}
+
+/// Writes a new cluster into `opts.dir`; refuses to overwrite one.
+pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
+    if opts.replication < 2 {
+        bail!("replication must be at least 2 so every object exists twice");
+    }
+    if opts.nodes < opts.replication {
+        bail!(
+            "{} nodes cannot hold {} replicas of each shard",
+            opts.nodes,
+            opts.replication
+        );
+    }
+    if opts.shards < 2 {
+        bail!("shards must be at least 2 (the meta shard and one data shard)");
+    }
+    if usize::from(opts.base_port) + opts.nodes > usize::from(u16::MAX) {
+        bail!("base port {} leaves no room for {} nodes", opts.base_port, opts.nodes);
+    }
+    let dir = &opts.dir;
+    if dir.join("admin.toml").exists() {
+        bail!("{} already holds a cluster (admin.toml exists)", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+
+    let ca = Authority::generate("Lumbung")?;
+    write_pem(&dir.join("ca.pem"), &ca.cert_pem(), false)?;
+    write_pem(&dir.join("ca.key"), &ca.key_pem(), true)?;
+
+    let host = opts.host.to_string();
+    let local_names = vec![host.clone(), "localhost".to_string()];
+    let nodes: Vec<NodeEntry> = (1..=opts.nodes as u64)
+        .map(|id| NodeEntry {
+            id,
+            addr: SocketAddr::new(opts.host, opts.base_port + id as u16),
+        })
+        .collect();
+    let cluster = ClusterSpec {
+        shards: opts.shards,
+        replication: opts.replication,
+        nodes: nodes.clone(),
+    };
+    let bootstrap = Bootstrap {
+        tenant: "demo".into(),
+        access_key: format!("LK{}", Alphanumeric.sample_string(&mut rand::thread_rng(), 18).to_uppercase()),
+        secret_key: Alphanumeric.sample_string(&mut rand::thread_rng(), 40),
+        bucket: "demo".into(),
+    };
+
+    for n in &nodes {
+        let name = format!("node{}", n.id);
+        let tls = issue(&ca, &dir, &name, &local_names, Role::Node)?;
+        let cfg = NodeConfig {
+            node_id: n.id,
+            listen: n.addr,
+            data_dir: format!("data/{name}").into(),
+            tls,
+            cluster: cluster.clone(),
+            raft: RaftTuning::default(),
+            bootstrap: Some(bootstrap.clone()),
+            cache_mib: 32,
+        };
+        write_toml(
+            &dir.join(format!("{name}.toml")),
+            &format!("# Lumbung node {} (written by `lumbung admin init-cluster`).\n# Run: lumbung node --config {name}.toml", n.id),
+            &cfg,
+        )?;
+    }
+
+    let public = ca.issue("gateway-public", &local_names, Role::Gateway)?;
+    write_pem(&dir.join("gateway-public.pem"), &public.cert_pem, false)?;
+    write_pem(&dir.join("gateway-public.key"), &public.key_pem, true)?;
+    let gateway = GatewayConfig {
+        listen: SocketAddr::new(opts.host, opts.base_port),
+        region: opts.region.clone(),
+        public_cert: "gateway-public.pem".into(),
+        public_key: "gateway-public.key".into(),
+        tls: issue(&ca, &dir, "gateway", &local_names, Role::Gateway)?,
+        nodes: nodes.iter().map(|n| n.addr).collect(),
+    };
+    write_toml(
+        &dir.join("gateway.toml"),
+        "# Lumbung S3 gateway (written by `lumbung admin init-cluster`).\n# Run: lumbung gateway --config gateway.toml",
+        &gateway,
+    )?;
+    let admin = AdminConfig {
+        tls: issue(&ca, &dir, "admin", &local_names, Role::Admin)?,
+        nodes: nodes.iter().map(|n| n.addr).collect(),
+    };
+    write_toml(
+        &dir.join("admin.toml"),
+        "# Admin CLI identity (written by `lumbung admin init-cluster`).\n# Run: lumbung admin --config admin.toml status",
+        &admin,
+    )?;
+
+    let env = S3Env {
+        endpoint: format!("https://{}", fmt_host_port(opts.host, opts.base_port)),
+        region: opts.region.clone(),
+        access_key: bootstrap.access_key,
+        secret_key: bootstrap.secret_key,
+        bucket: bootstrap.bucket,
+        ca_cert: dir.join("ca.pem"),
+    };
+    write_pem(&dir.join("s3.env"), &env.lines(), true)?;
+    Ok(env)
+}
+
+fn fmt_host_port(host: IpAddr, port: u16) -> String {
+    match host {
+        IpAddr::V6(h) => format!("[{h}]:{port}"),
+        IpAddr::V4(h) => format!("{h}:{port}"),
+    }
+}

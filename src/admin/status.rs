@@ -1,0 +1,147 @@
+//! `lumbung admin status`: every node's health, shards and bytes.
+
+use crate::config::AdminConfig;
+use crate::rpc::{pb, Pool};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One node as the admin sees it.
+#[derive(Serialize)]
+pub struct NodeView {
+    pub addr: String,
+    pub up: bool,
+    pub node_id: u64,
+    pub error: Option<String>,
+    pub chunk_bytes: u64,
+    pub chunk_count: u64,
+    pub rss_bytes: u64,
+    pub replicas: usize,
+    pub leads: usize,
+}
+
+/// One shard, merged from what its replicas report.
+#[derive(Serialize)]
+pub struct ShardView {
+    pub shard: u32,
+    pub leader: Option<u64>,
+    pub voters: Vec<u64>,
+    pub last_applied: u64,
+}
+
+#[derive(Serialize)]
+pub struct ClusterView {
+    pub nodes: Vec<NodeView>,
+    pub shards: Vec<ShardView>,
+}
+
+/// Asks every node for its status; unreachable nodes are shown as down.
+pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
+    let pool = Pool::new(&cfg.tls)?;
+    let mut nodes = Vec::new();
+    let mut shards: BTreeMap<u32, ShardView> = BTreeMap::new();
+    for addr in &cfg.nodes {
+        let mut client = pool.client(*addr)?;
+        let reply = tokio::time::timeout(Duration::from_secs(3), client.status(pb::Empty {})).await;
+        let status = match reply {
+            Ok(Ok(s)) => s.into_inner(),
+            other => {
+                let error = match other {
+                    Ok(Err(s)) => s.message().to_string(),
+                    _ => "timed out".to_string(),
+                };
+                nodes.push(NodeView {
+                    addr: addr.to_string(),
+                    up: false,
+                    node_id: 0,
+                    error: Some(error),
+                    chunk_bytes: 0,
+                    chunk_count: 0,
+                    rss_bytes: 0,
+                    replicas: 0,
+                    leads: 0,
+                });
+                continue;
+            }
+        };
+        let leads = status.shards.iter().filter(|s| s.leader == status.node_id).count();
+        for s in &status.shards {
+            let view = shards.entry(s.shard).or_insert_with(|| ShardView {
+                shard: s.shard,
+                leader: None,
+                voters: s.voters.clone(),
+                last_applied: 0,
+            });
+            if s.leader != 0 {
+                view.leader = Some(s.leader);
+            }
+            view.last_applied = view.last_applied.max(s.last_applied);
+        }
+        nodes.push(NodeView {
+            addr: addr.to_string(),
+            up: true,
+            node_id: status.node_id,
+            error: None,
+            chunk_bytes: status.chunk_bytes,
+            chunk_count: status.chunk_count,
+            rss_bytes: status.rss_bytes,
+            replicas: status.shards.len(),
+            leads,
+        });
+    }
+    Ok(ClusterView {
+        nodes,
+        shards: shards.into_values().collect(),
+    })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// The human table.
+pub fn render(view: &ClusterView) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>10}\n",
+        "NODE", "ADDRESS", "HEALTH", "REPLICAS", "LEADS", "CHUNK BYTES", "CHUNKS", "RSS"
+    ));
+    for n in &view.nodes {
+        let id = if n.up { n.node_id.to_string() } else { "?".into() };
+        out.push_str(&format!(
+            "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>10}\n",
+            id,
+            n.addr,
+            if n.up { "up" } else { "DOWN" },
+            n.replicas,
+            n.leads,
+            mib(n.chunk_bytes),
+            n.chunk_count,
+            mib(n.rss_bytes)
+        ));
+        if let Some(e) = &n.error {
+            out.push_str(&format!("       error: {e}\n"));
+        }
+    }
+    let leaderless = view.shards.iter().filter(|s| s.leader.is_none()).count();
+    out.push_str(&format!(
+        "\n{} shards, {} without a leader\n{:<6} {:<8} {:<12} {:>12}\n",
+        view.shards.len(),
+        leaderless,
+        "SHARD",
+        "LEADER",
+        "VOTERS",
+        "APPLIED"
+    ));
+    for s in &view.shards {
+        let voters: Vec<String> = s.voters.iter().map(|v| v.to_string()).collect();
+        out.push_str(&format!(
+            "{:<6} {:<8} {:<12} {:>12}\n",
+            s.shard,
+            s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            voters.join(","),
+            s.last_applied
+        ));
+    }
+    out
+}

@@ -1,0 +1,183 @@
+//! Streaming a request body to a node: shared by PutObject and UploadPart.
+//!
+//! The body is forwarded in frames of [`FRAME`] bytes as it arrives, so a
+//! gateway holds only a frame or two of any upload. Checksums the client
+//! announced (headers, or trailers of an aws-chunked body) are computed on
+//! the way; only when they match does the gateway send the commit frame.
+//! Without it the node stores nothing.
+
+use super::{s3_error_of, S3Front};
+use crate::rpc::pb;
+use bytes::BytesMut;
+use futures::StreamExt;
+use s3s::checksum::ChecksumHasher;
+use s3s::dto::{ChecksumAlgorithm, StreamingBlob};
+use s3s::{s3_error, S3Error, S3Result, TrailingHeaders};
+use base64::Engine;
+
+/// Bytes per data frame sent to the node.
+const FRAME: usize = 1024 * 1024;
+
+/// The checksums a client announced for a body.
+#[derive(Default)]
+pub(super) struct Announced {
+    pub content_md5: Option<String>,
+    pub algorithm: Option<ChecksumAlgorithm>,
+    pub crc32: Option<String>,
+    pub crc32c: Option<String>,
+    pub crc64nvme: Option<String>,
+    pub sha1: Option<String>,
+    pub sha256: Option<String>,
+    /// The `x-amz-trailer` header: names a checksum sent after the body.
+    pub trailer: Option<String>,
+}
+
+impl Announced {
+    fn hasher(&self) -> ChecksumHasher {
+        let mut h = ChecksumHasher::default();
+        let named = |n: &str| {
+            self.algorithm.as_ref().is_some_and(|a| a.as_str().eq_ignore_ascii_case(n))
+                || self
+                    .trailer
+                    .as_deref()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(&format!("x-amz-checksum-{n}")))
+        };
+        if self.crc32.is_some() || named("crc32") {
+            h.crc32 = Some(Default::default());
+        }
+        if self.crc32c.is_some() || named("crc32c") {
+            h.crc32c = Some(Default::default());
+        }
+        if self.crc64nvme.is_some() || named("crc64nvme") {
+            h.crc64nvme = Some(Default::default());
+        }
+        if self.sha1.is_some() || named("sha1") {
+            h.sha1 = Some(Default::default());
+        }
+        if self.sha256.is_some() || named("sha256") {
+            h.sha256 = Some(Default::default());
+        }
+        h
+    }
+
+    /// Takes trailer values into the announced set, then compares.
+    fn verify(mut self, hasher: ChecksumHasher, trailers: Option<TrailingHeaders>) -> S3Result<()> {
+        if let Some(map) = trailers.and_then(|t| t.take()) {
+            let get = |n: &str| map.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            self.crc32 = self.crc32.or(get("x-amz-checksum-crc32"));
+            self.crc32c = self.crc32c.or(get("x-amz-checksum-crc32c"));
+            self.crc64nvme = self.crc64nvme.or(get("x-amz-checksum-crc64nvme"));
+            self.sha1 = self.sha1.or(get("x-amz-checksum-sha1"));
+            self.sha256 = self.sha256.or(get("x-amz-checksum-sha256"));
+        }
+        let got = hasher.finalize();
+        let pairs = [
+            ("CRC32", &self.crc32, &got.checksum_crc32),
+            ("CRC32C", &self.crc32c, &got.checksum_crc32c),
+            ("CRC64NVME", &self.crc64nvme, &got.checksum_crc64nvme),
+            ("SHA1", &self.sha1, &got.checksum_sha1),
+            ("SHA256", &self.sha256, &got.checksum_sha256),
+        ];
+        for (name, want, got) in pairs {
+            if let (Some(w), Some(g)) = (want, got) {
+                if w != g {
+                    return Err(s3_error!(
+                        BadDigest,
+                        "The {name} you specified did not match the calculated checksum."
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Content-MD5 header as hex, or an InvalidDigest error.
+    fn md5_hex(&self) -> S3Result<String> {
+        let Some(b64) = &self.content_md5 else {
+            return Ok(String::new());
+        };
+        match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+            Ok(raw) if raw.len() == 16 => Ok(hex::encode(raw)),
+            _ => Err(s3_error!(InvalidDigest, "The Content-MD5 you specified was not valid.")),
+        }
+    }
+}
+
+impl S3Front {
+    /// Sends `header`, then `body`, then the commit frame to one node.
+    pub(super) async fn stream_put(
+        &self,
+        header: pb::PutHeader,
+        body: Option<StreamingBlob>,
+        announced: Announced,
+        trailers: Option<TrailingHeaders>,
+    ) -> S3Result<pb::PutReply> {
+        let md5_hex = announced.md5_hex()?;
+        let mut hasher = announced.hasher();
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutFrame>(2);
+        let (i, mut client) = self.node();
+        let call = tokio::spawn(async move {
+            client
+                .put_object(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let frame = |f| pb::PutFrame { frame: Some(f) };
+        let mut open = tx.send(frame(pb::put_frame::Frame::Header(header))).await.is_ok();
+        let mut size = 0u64;
+        let mut buf = BytesMut::new();
+        let mut body_error: Option<S3Error> = None;
+        if let Some(mut body) = body {
+            while open {
+                let Some(piece) = body.next().await else { break };
+                let piece = match piece {
+                    Ok(p) => p,
+                    Err(e) => {
+                        body_error = Some(match e.downcast::<S3Error>() {
+                            Ok(s3) => *s3,
+                            Err(e) => s3_error!(IncompleteBody, "reading the request body: {e}"),
+                        });
+                        break;
+                    }
+                };
+                hasher.update(&piece);
+                size += piece.len() as u64;
+                buf.extend_from_slice(&piece);
+                if buf.len() >= FRAME {
+                    let data = buf.split().freeze().to_vec();
+                    open = tx.send(frame(pb::put_frame::Frame::Data(data))).await.is_ok();
+                }
+            }
+        }
+        let verdict = match body_error {
+            Some(e) => Err(e),
+            None => announced.verify(hasher, trailers),
+        };
+        if verdict.is_ok() && open {
+            if !buf.is_empty() {
+                let data = buf.split().freeze().to_vec();
+                open = tx.send(frame(pb::put_frame::Frame::Data(data))).await.is_ok();
+            }
+            if open {
+                let commit = pb::PutCommit {
+                    content_md5_hex: md5_hex,
+                    size,
+                };
+                let _ = tx.send(frame(pb::put_frame::Frame::Commit(commit))).await;
+            }
+        }
+        drop(tx);
+        let reply = call
+            .await
+            .map_err(|e| s3_error!(InternalError, "upload task: {e}"))?;
+        verdict?;
+        match reply {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => {
+                if super::is_unreachable(&s) {
+                    self.router.report_failure(i);
+                }
+                Err(s3_error_of(&s))
+            }
+        }
+    }
+}
