@@ -81,7 +81,7 @@ enum AdminCommand {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "warn,lumbung=info".into());
+        .unwrap_or_else(|_| "warn,openraft=error,lumbung=info".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

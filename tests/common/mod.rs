@@ -1,0 +1,100 @@
+//! Shared by the integration tests: free ports, in-process clusters and an
+//! S3 client (the AWS SDK for Rust) that trusts the cluster's CA.
+
+#![allow(dead_code)]
+
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::Client;
+use lumbung::admin::S3Env;
+use lumbung::dev::{DevCluster, DevOptions};
+use std::net::TcpListener;
+use std::path::Path;
+
+/// A block of `n` consecutive free ports on loopback.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..500 {
+        let base = 20_000 + (rand_u16() % 40_000);
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (t ^ (std::process::id() << 8)) as u16
+}
+
+/// Starts a small in-process dev cluster (3 nodes, RF 3) in `dir`.
+pub async fn cluster(dir: &Path, shards: u32) -> DevCluster {
+    let mut opts = DevOptions::new(dir.join("cluster"), free_ports(4));
+    opts.shards = shards;
+    lumbung::dev::start(&opts).await.expect("dev cluster starts")
+}
+
+/// An S3 client for the credentials in `env`, over TLS with the cluster CA.
+pub fn s3(env: &S3Env) -> Client {
+    s3_with(env, &env.access_key, &env.secret_key)
+}
+
+/// The same endpoint with other credentials.
+pub fn s3_with(env: &S3Env, access: &str, secret: &str) -> Client {
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+    let pem = std::fs::read(&env.ca_cert).expect("CA readable");
+    let tls_context = TlsContext::builder()
+        .with_trust_store(TrustStore::empty().with_pem_certificate(pem.as_slice()))
+        .build()
+        .expect("TLS context");
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .tls_context(tls_context)
+        .build_https();
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version_latest()
+        .endpoint_url(&env.endpoint)
+        .region(Region::new(env.region.clone()))
+        .credentials_provider(Credentials::new(access, secret, None, None, "test"))
+        .force_path_style(true)
+        .http_client(http)
+        .build();
+    Client::from_conf(config)
+}
+
+/// Deterministic pseudo-random bytes, different for each `seed`.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The S3 error code of a failed SDK call, e.g. "NoSuchKey".
+pub fn code<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata,
+{
+    match err {
+        aws_sdk_s3::error::SdkError::ServiceError(e) => e.err().code().unwrap_or("").to_string(),
+        other => format!("not a service error: {other:?}"),
+    }
+}
+
+/// The HTTP status of a failed SDK call.
+pub fn status<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> u16 {
+    err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0)
+}
