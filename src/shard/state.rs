@@ -289,10 +289,9 @@ impl State {
         if wanted.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(ShardError::InvalidPartOrder);
         }
-        let mut md5s = Md5::new();
-        let mut chunks = Vec::new();
-        let mut size = 0;
-        for (i, (number, etag)) in wanted.iter().enumerate() {
+        // Every named part must exist with its ETag before sizes matter.
+        let mut parts = Vec::with_capacity(wanted.len());
+        for (number, etag) in wanted {
             let part: Part = self
                 .get(&part_key(tenant, bucket, upload_id, *number))?
                 .ok_or_else(|| ShardError::InvalidPart(format!("part {number} was not uploaded")))?;
@@ -302,7 +301,14 @@ impl State {
                     part.etag
                 )));
             }
-            if i + 1 < wanted.len() && part.size < MIN_PART_SIZE {
+            parts.push((*number, part));
+        }
+        let mut md5s = Md5::new();
+        let mut chunks = Vec::new();
+        let mut size = 0;
+        let last = parts.len() - 1;
+        for (i, (number, part)) in parts.into_iter().enumerate() {
+            if i < last && part.size < MIN_PART_SIZE {
                 return Err(ShardError::EntityTooSmall(format!(
                     "part {number} is {} bytes; every part but the last must be at least {MIN_PART_SIZE}",
                     part.size

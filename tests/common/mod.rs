@@ -86,7 +86,8 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
 /// The S3 error code of a failed SDK call, e.g. "NoSuchKey".
 pub fn code<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
 where
-    E: aws_sdk_s3::error::ProvideErrorMetadata,
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::fmt::Debug,
+    R: std::fmt::Debug,
 {
     match err {
         aws_sdk_s3::error::SdkError::ServiceError(e) => e.err().code().unwrap_or("").to_string(),
