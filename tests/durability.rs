@@ -1,0 +1,268 @@
+//! Nothing acknowledged is lost when nodes die.
+//!
+//! Real `lumbung node` and `lumbung gateway` processes; a writer stores
+//! objects (inline and chunked) without pause while:
+//!   1. a node is killed with SIGKILL, then restarted;
+//!   2. the leader of the bucket's index shard is killed, then restarted;
+//!   3. a node is killed, the others write far past its log (the log is
+//!      purged behind a snapshot), and it restarts and must catch up by
+//!      snapshot, chunks included.
+//! Afterwards every object whose PUT was acknowledged reads back byte for
+//! byte, and writes resumed within a few seconds of each kill.
+
+mod common;
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::{bytes, s3};
+use lumbung::admin::{init_cluster, InitOptions, S3Env};
+use lumbung::config::{self, AdminConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The cluster's processes, by node id (index 0 is the gateway).
+struct Processes {
+    dir: PathBuf,
+    children: Vec<Option<Child>>,
+}
+
+impl Processes {
+    fn spawn(&mut self, slot: usize) {
+        let (what, file) = if slot == 0 {
+            ("gateway", "gateway.toml".to_string())
+        } else {
+            ("node", format!("node{slot}.toml"))
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{what}{slot}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_lumbung"))
+            .args([what, "--config"])
+            .arg(self.dir.join(file))
+            .env("RUST_LOG", "warn,openraft=error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[slot] = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs, exactly like a power cut of the process.
+    fn kill(&mut self, slot: usize) {
+        if let Some(mut c) = self.children[slot].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for slot in 0..self.children.len() {
+            self.kill(slot);
+        }
+    }
+}
+
+/// What the writer learned: acknowledged objects and when each PUT ended.
+#[derive(Default)]
+struct Log {
+    acked: Vec<(String, u64, usize)>,
+    successes: Vec<Instant>,
+    failures: usize,
+}
+
+fn size_of(i: u64) -> usize {
+    // Alternate inline bodies and bodies of two chunks.
+    if i % 4 == 0 {
+        4 * 1024 * 1024 + 1000
+    } else {
+        3000 + (i as usize % 7) * 100
+    }
+}
+
+async fn writer(c: aws_sdk_s3::Client, log: Arc<Mutex<Log>>, stop: Arc<AtomicBool>, first: u64) {
+    let mut i = first;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("obj-{i:06}");
+        let len = size_of(i);
+        let put = c
+            .put_object()
+            .bucket("demo")
+            .key(&key)
+            .body(ByteStream::from(bytes(i, len)))
+            .send()
+            .await;
+        let mut l = log.lock().unwrap();
+        match put {
+            Ok(_) => {
+                l.acked.push((key, i, len));
+                l.successes.push(Instant::now());
+            }
+            Err(_) => l.failures += 1,
+        }
+        i += 1;
+    }
+}
+
+/// Longest stretch without a successful PUT after `since`.
+fn longest_gap(log: &Mutex<Log>, since: Instant) -> Duration {
+    let l = log.lock().unwrap();
+    let mut prev = since;
+    let mut gap = Duration::ZERO;
+    for t in l.successes.iter().filter(|t| **t >= since) {
+        gap = gap.max(*t - prev);
+        prev = *t;
+    }
+    gap
+}
+
+async fn status(admin: &AdminConfig) -> lumbung::admin::status::ClusterView {
+    lumbung::admin::status::collect(admin).await.unwrap()
+}
+
+fn set_snapshot_every(dir: &Path, entries: u64) {
+    for id in 1..=3 {
+        let p = dir.join(format!("node{id}.toml"));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replace("snapshot_every = 20000", &format!("snapshot_every = {entries}"));
+        std::fs::write(&p, text).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let env: S3Env = init_cluster(&InitOptions {
+        nodes: 3,
+        dir: dir.clone(),
+        base_port: common::free_ports(4),
+        shards: 8,
+        replication: 3,
+        host: "127.0.0.1".parse().unwrap(),
+        region: "us-east-1".into(),
+    })
+    .unwrap();
+    set_snapshot_every(&dir, 40);
+    let admin: AdminConfig = config::load(&dir.join("admin.toml")).unwrap();
+    let layout = config::load::<lumbung::config::NodeConfig>(&dir.join("node1.toml"))
+        .unwrap()
+        .cluster
+        .layout();
+    let index_shard = layout.shard_for_bucket("demo", "demo").0;
+
+    let mut procs = Processes {
+        dir: dir.clone(),
+        children: (0..4).map(|_| None).collect(),
+    };
+    for slot in [1, 2, 3, 0] {
+        procs.spawn(slot);
+    }
+    let c = s3(&env);
+    let ready = Instant::now();
+    while c.head_bucket().bucket("demo").send().await.is_err() {
+        assert!(ready.elapsed() < Duration::from_secs(60), "cluster never came up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| tokio::spawn(writer(s3(&env), log.clone(), stop.clone(), w * 1_000_000)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 1. A node dies and comes back.
+    let killed = Instant::now();
+    procs.kill(2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    procs.spawn(2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let gap = longest_gap(&log, killed);
+    println!("after killing node 2: longest pause in writes {gap:?}");
+    assert!(gap < Duration::from_secs(8), "writes stalled {gap:?} after a node died");
+
+    // 2. The leader of the bucket's index shard dies.
+    let leader = status(&admin)
+        .await
+        .shards
+        .iter()
+        .find(|s| s.shard == index_shard)
+        .and_then(|s| s.leader)
+        .expect("the index shard has a leader") as usize;
+    let killed = Instant::now();
+    procs.kill(leader);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let gap = longest_gap(&log, killed);
+    println!("after killing leader node {leader}: longest pause in writes {gap:?}");
+    assert!(gap < Duration::from_secs(8), "writes stalled {gap:?} after the leader died");
+    procs.spawn(leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 3. A node misses far more than the log keeps, then catches up.
+    let laggard = if leader == 3 { 1 } else { 3 };
+    procs.kill(laggard);
+    let before = log.lock().unwrap().acked.len();
+    let behind = Instant::now();
+    while log.lock().unwrap().acked.len() < before + 120 {
+        assert!(behind.elapsed() < Duration::from_secs(60), "writes too slow without node {laggard}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    procs.spawn(laggard);
+    let caught_up = Instant::now();
+    loop {
+        let view = status(&admin).await;
+        let chunks: Vec<u64> = view.nodes.iter().map(|n| n.chunk_count).collect();
+        let shard = view.shards.iter().find(|s| s.shard == index_shard).unwrap();
+        let up = view.nodes.iter().all(|n| n.up);
+        let laggard_view = &view.nodes[laggard - 1];
+        if up && chunks.iter().all(|c| *c == chunks[0]) && laggard_view.replicas > 0 {
+            let lagging = laggard_applied(&admin, laggard, index_shard).await;
+            if lagging >= shard.last_applied {
+                println!(
+                    "node {laggard} caught up in {:?} (applied {lagging}, chunks {chunks:?})",
+                    caught_up.elapsed()
+                );
+                break;
+            }
+        }
+        assert!(
+            caught_up.elapsed() < Duration::from_secs(60),
+            "node {laggard} did not catch up: chunks {chunks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Every acknowledged object, byte for byte.
+    let acked = log.lock().unwrap().acked.clone();
+    let failures = log.lock().unwrap().failures;
+    println!("{} acknowledged writes, {failures} failed attempts", acked.len());
+    assert!(acked.len() > 150);
+    for (key, seed, len) in acked {
+        let got = c.get_object().bucket("demo").key(&key).send().await.unwrap();
+        let data = got.body.collect().await.unwrap().into_bytes();
+        assert!(data.as_ref() == bytes(seed, len).as_slice(), "{key} differs");
+    }
+}
+
+/// The last applied index of `shard` on node `id` alone.
+async fn laggard_applied(admin: &AdminConfig, id: usize, shard: u32) -> u64 {
+    let pool = lumbung::rpc::Pool::new(&admin.tls).unwrap();
+    let mut client = pool.client(admin.nodes[id - 1]).unwrap();
+    let status = client.status(lumbung::rpc::pb::Empty {}).await.unwrap().into_inner();
+    status
+        .shards
+        .iter()
+        .find(|s| s.shard == shard)
+        .map(|s| s.last_applied)
+        .unwrap_or(0)
+}
