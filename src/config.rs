@@ -161,7 +161,8 @@ pub struct AdminConfig {
 pub fn load<T: serde::de::DeserializeOwned + Relocate>(path: &Path) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cfg: T = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut cfg: T =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let base = path
         .parent()
         .map(Path::to_path_buf)
@@ -207,5 +208,34 @@ impl Relocate for GatewayConfig {
 impl Relocate for AdminConfig {
     fn relocate(&mut self, base: &Path) {
         self.tls.relocate(base);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name)
+    }
+
+    #[test]
+    fn the_commented_examples_parse() {
+        let node: NodeConfig = load(&example("node.toml")).unwrap();
+        node.cluster.validate().unwrap();
+        assert!(node.data_dir.is_absolute(), "relative paths are resolved");
+        let gw: GatewayConfig = load(&example("gateway.toml")).unwrap();
+        assert_eq!(gw.nodes.len(), 3);
+        let admin: AdminConfig = load(&example("admin.toml")).unwrap();
+        assert_eq!(admin.nodes, gw.nodes);
+    }
+
+    #[test]
+    fn replication_below_two_is_refused() {
+        let mut node: NodeConfig = load(&example("node.toml")).unwrap();
+        node.cluster.replication = 1;
+        assert!(node.cluster.validate().is_err());
     }
 }

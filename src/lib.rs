@@ -12,15 +12,15 @@
 //! - [`admin`]: cluster creation and status.
 //! - [`rpc`], [`tls`], [`config`]: the wire, certificates and config files.
 
+pub mod admin;
+pub mod chunk;
 pub mod config;
+pub mod dev;
+pub mod gateway;
+pub mod node;
 pub mod placement;
 pub mod rpc;
+pub mod s3;
 pub mod shard;
 pub mod tls;
 pub mod types;
-pub mod chunk;
-pub mod node;
-pub mod gateway;
-pub mod s3;
-pub mod admin;
-pub mod dev;

@@ -8,7 +8,11 @@ use lumbung::config::{self, AdminConfig, GatewayConfig, NodeConfig};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "lumbung", version, about = "Replicated, encrypted, S3-compatible object storage")]
+#[command(
+    name = "lumbung",
+    version,
+    about = "Replicated, encrypted, S3-compatible object storage"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,10 @@ async fn wait_for_signal() {
 
 async fn dev(data_dir: PathBuf, env_file: Option<PathBuf>, base_port: u16) -> anyhow::Result<()> {
     let opts = lumbung::dev::DevOptions::new(data_dir, base_port);
-    eprintln!("starting Lumbung dev cluster in {} ...", opts.data_dir.display());
+    eprintln!(
+        "starting Lumbung dev cluster in {} ...",
+        opts.data_dir.display()
+    );
     let cluster = lumbung::dev::start(&opts).await?;
     let env = cluster.env.clone();
     if let Some(f) = env_file {

@@ -105,7 +105,9 @@ pub fn error_of(status: &tonic::Status) -> ShardError {
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
             ShardError::Unavailable(status.message().to_string())
         }
-        tonic::Code::DeadlineExceeded => ShardError::Unavailable(format!("timed out: {}", status.message())),
+        tonic::Code::DeadlineExceeded => {
+            ShardError::Unavailable(format!("timed out: {}", status.message()))
+        }
         _ => ShardError::Internal(status.message().to_string()),
     }
 }

@@ -6,9 +6,7 @@
 //! `...:admin`) so the receiving side can tell what the peer may do.
 
 use anyhow::Context;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -131,7 +129,9 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// tonic's server-side TLS: our identity, and client certificates required.
-pub fn rpc_server_tls(files: &crate::config::TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+pub fn rpc_server_tls(
+    files: &crate::config::TlsFiles,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))

@@ -7,6 +7,7 @@
 //!   3. a node is killed, the others write far past its log (the log is
 //!      purged behind a snapshot), and it restarts and must catch up by
 //!      snapshot, chunks included.
+//!
 //! Afterwards every object whose PUT was acknowledged reads back byte for
 //! byte, and writes resumed within a few seconds of each kill.
 
@@ -78,7 +79,7 @@ struct Log {
 
 fn size_of(i: u64) -> usize {
     // Alternate inline bodies and bodies of two chunks.
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         4 * 1024 * 1024 + 1000
     } else {
         3000 + (i as usize % 7) * 100
@@ -129,7 +130,10 @@ fn set_snapshot_every(dir: &Path, entries: u64) {
     for id in 1..=3 {
         let p = dir.join(format!("node{id}.toml"));
         let text = std::fs::read_to_string(&p).unwrap();
-        let text = text.replace("snapshot_every = 20000", &format!("snapshot_every = {entries}"));
+        let text = text.replace(
+            "snapshot_every = 20000",
+            &format!("snapshot_every = {entries}"),
+        );
         std::fs::write(&p, text).unwrap();
     }
 }
@@ -166,7 +170,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let c = s3(&env);
     let ready = Instant::now();
     while c.head_bucket().bucket("demo").send().await.is_err() {
-        assert!(ready.elapsed() < Duration::from_secs(60), "cluster never came up");
+        assert!(
+            ready.elapsed() < Duration::from_secs(60),
+            "cluster never came up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -185,7 +192,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let gap = longest_gap(&log, killed);
     println!("after killing node 2: longest pause in writes {gap:?}");
-    assert!(gap < Duration::from_secs(8), "writes stalled {gap:?} after a node died");
+    assert!(
+        gap < Duration::from_secs(8),
+        "writes stalled {gap:?} after a node died"
+    );
 
     // 2. The leader of the bucket's index shard dies.
     let leader = status(&admin)
@@ -200,7 +210,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let gap = longest_gap(&log, killed);
     println!("after killing leader node {leader}: longest pause in writes {gap:?}");
-    assert!(gap < Duration::from_secs(8), "writes stalled {gap:?} after the leader died");
+    assert!(
+        gap < Duration::from_secs(8),
+        "writes stalled {gap:?} after the leader died"
+    );
     procs.spawn(leader);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -210,7 +223,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let before = log.lock().unwrap().acked.len();
     let behind = Instant::now();
     while log.lock().unwrap().acked.len() < before + 120 {
-        assert!(behind.elapsed() < Duration::from_secs(60), "writes too slow without node {laggard}");
+        assert!(
+            behind.elapsed() < Duration::from_secs(60),
+            "writes too slow without node {laggard}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -245,12 +261,24 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     // Every acknowledged object, byte for byte.
     let acked = log.lock().unwrap().acked.clone();
     let failures = log.lock().unwrap().failures;
-    println!("{} acknowledged writes, {failures} failed attempts", acked.len());
+    println!(
+        "{} acknowledged writes, {failures} failed attempts",
+        acked.len()
+    );
     assert!(acked.len() > 150);
     for (key, seed, len) in acked {
-        let got = c.get_object().bucket("demo").key(&key).send().await.unwrap();
+        let got = c
+            .get_object()
+            .bucket("demo")
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
         let data = got.body.collect().await.unwrap().into_bytes();
-        assert!(data.as_ref() == bytes(seed, len).as_slice(), "{key} differs");
+        assert!(
+            data.as_ref() == bytes(seed, len).as_slice(),
+            "{key} differs"
+        );
     }
 }
 
@@ -258,7 +286,11 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
 async fn laggard_applied(admin: &AdminConfig, id: usize, shard: u32) -> u64 {
     let pool = lumbung::rpc::Pool::new(&admin.tls).unwrap();
     let mut client = pool.client(admin.nodes[id - 1]).unwrap();
-    let status = client.status(lumbung::rpc::pb::Empty {}).await.unwrap().into_inner();
+    let status = client
+        .status(lumbung::rpc::pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
     status
         .shards
         .iter()

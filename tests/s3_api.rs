@@ -48,10 +48,21 @@ async fn bucket_lifecycle(c: &aws_sdk_s3::Client) {
     let missing = c.head_bucket().bucket("nope").send().await.unwrap_err();
     assert_eq!(status(&missing), 404);
 
-    c.put_object().bucket("photos").key("a").body(ByteStream::from_static(b"x")).send().await.unwrap();
+    c.put_object()
+        .bucket("photos")
+        .key("a")
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap();
     let not_empty = c.delete_bucket().bucket("photos").send().await.unwrap_err();
     assert_eq!(code(&not_empty), "BucketNotEmpty");
-    c.delete_object().bucket("photos").key("a").send().await.unwrap();
+    c.delete_object()
+        .bucket("photos")
+        .key("a")
+        .send()
+        .await
+        .unwrap();
     c.delete_bucket().bucket("photos").send().await.unwrap();
     let gone = c.delete_bucket().bucket("photos").send().await.unwrap_err();
     assert_eq!(code(&gone), "NoSuchBucket");
@@ -85,7 +96,10 @@ async fn objects_ranges_and_conditions(c: &aws_sdk_s3::Client) {
 
         let got = c.get_object().bucket("demo").key(key).send().await.unwrap();
         assert_eq!(got.content_type(), Some("text/plain"));
-        assert_eq!(got.metadata().unwrap().get("colour").map(String::as_str), Some("blue"));
+        assert_eq!(
+            got.metadata().unwrap().get("colour").map(String::as_str),
+            Some("blue")
+        );
         assert_eq!(body(got).await, data);
 
         let ranged = c
@@ -96,9 +110,19 @@ async fn objects_ranges_and_conditions(c: &aws_sdk_s3::Client) {
             .send()
             .await
             .unwrap();
-        assert_eq!(ranged.content_range(), Some(format!("bytes 100-899/{len}").as_str()));
+        assert_eq!(
+            ranged.content_range(),
+            Some(format!("bytes 100-899/{len}").as_str())
+        );
         assert_eq!(body(ranged).await, data[100..900]);
-        let suffix = c.get_object().bucket("demo").key(key).range("bytes=-10").send().await.unwrap();
+        let suffix = c
+            .get_object()
+            .bucket("demo")
+            .key(key)
+            .range("bytes=-10")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(body(suffix).await, data[len - 10..]);
         let beyond = c
             .get_object()
@@ -129,14 +153,38 @@ async fn objects_ranges_and_conditions(c: &aws_sdk_s3::Client) {
             .await
             .unwrap_err();
         assert_eq!(status(&failed), 412);
-        c.get_object().bucket("demo").key(key).if_match(&etag).send().await.unwrap();
+        c.get_object()
+            .bucket("demo")
+            .key(key)
+            .if_match(&etag)
+            .send()
+            .await
+            .unwrap();
 
-        let head = c.head_object().bucket("demo").key(key).send().await.unwrap();
+        let head = c
+            .head_object()
+            .bucket("demo")
+            .key(key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(head.content_length(), Some(len as i64));
     }
-    let missing = c.get_object().bucket("demo").key("nothing").send().await.unwrap_err();
+    let missing = c
+        .get_object()
+        .bucket("demo")
+        .key("nothing")
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(code(&missing), "NoSuchKey");
-    let no_bucket = c.get_object().bucket("nobucket").key("x").send().await.unwrap_err();
+    let no_bucket = c
+        .get_object()
+        .bucket("nobucket")
+        .key("x")
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(code(&no_bucket), "NoSuchBucket");
 }
 
@@ -144,15 +192,38 @@ async fn listings_paginate_and_roll_up(c: &aws_sdk_s3::Client) {
     c.create_bucket().bucket("tree").send().await.unwrap();
     let keys = ["a/1", "a/2", "a/b/3", "b/4", "c", "d+e f", "z"];
     for k in keys {
-        c.put_object().bucket("tree").key(k).body(ByteStream::from_static(b"")).send().await.unwrap();
+        c.put_object()
+            .bucket("tree")
+            .key(k)
+            .body(ByteStream::from_static(b""))
+            .send()
+            .await
+            .unwrap();
     }
-    let top = c.list_objects_v2().bucket("tree").delimiter("/").send().await.unwrap();
-    let prefixes: Vec<_> = top.common_prefixes().iter().filter_map(|p| p.prefix()).collect();
+    let top = c
+        .list_objects_v2()
+        .bucket("tree")
+        .delimiter("/")
+        .send()
+        .await
+        .unwrap();
+    let prefixes: Vec<_> = top
+        .common_prefixes()
+        .iter()
+        .filter_map(|p| p.prefix())
+        .collect();
     let names: Vec<_> = top.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(prefixes, ["a/", "b/"]);
     assert_eq!(names, ["c", "d+e f", "z"]);
 
-    let under_a = c.list_objects_v2().bucket("tree").prefix("a/").delimiter("/").send().await.unwrap();
+    let under_a = c
+        .list_objects_v2()
+        .bucket("tree")
+        .prefix("a/")
+        .delimiter("/")
+        .send()
+        .await
+        .unwrap();
     let names: Vec<_> = under_a.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(names, ["a/1", "a/2"]);
     assert_eq!(under_a.common_prefixes()[0].prefix(), Some("a/b/"));
@@ -169,7 +240,11 @@ async fn listings_paginate_and_roll_up(c: &aws_sdk_s3::Client) {
             .send()
             .await
             .unwrap();
-        seen.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+        seen.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string)),
+        );
         token = page.next_continuation_token().map(str::to_string);
         if !page.is_truncated().unwrap_or(false) {
             break;
@@ -177,11 +252,24 @@ async fn listings_paginate_and_roll_up(c: &aws_sdk_s3::Client) {
     }
     assert_eq!(seen, keys);
 
-    let after = c.list_objects_v2().bucket("tree").start_after("b/4").send().await.unwrap();
+    let after = c
+        .list_objects_v2()
+        .bucket("tree")
+        .start_after("b/4")
+        .send()
+        .await
+        .unwrap();
     let names: Vec<_> = after.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(names, ["c", "d+e f", "z"]);
 
-    let v1 = c.list_objects().bucket("tree").marker("a/b/3").max_keys(2).send().await.unwrap();
+    let v1 = c
+        .list_objects()
+        .bucket("tree")
+        .marker("a/b/3")
+        .max_keys(2)
+        .send()
+        .await
+        .unwrap();
     let names: Vec<_> = v1.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(names, ["b/4", "c"]);
     assert_eq!(v1.is_truncated(), Some(true));
@@ -189,7 +277,13 @@ async fn listings_paginate_and_roll_up(c: &aws_sdk_s3::Client) {
 
 async fn multipart_uploads(c: &aws_sdk_s3::Client) {
     let parts_data = [bytes(1, 5 * MIB), bytes(2, 5 * MIB), bytes(3, MIB + 3)];
-    let up = c.create_multipart_upload().bucket("demo").key("mp").send().await.unwrap();
+    let up = c
+        .create_multipart_upload()
+        .bucket("demo")
+        .key("mp")
+        .send()
+        .await
+        .unwrap();
     let id = up.upload_id().unwrap().to_string();
     let mut done = Vec::new();
     let mut md5s = Vec::new();
@@ -206,12 +300,32 @@ async fn multipart_uploads(c: &aws_sdk_s3::Client) {
             .await
             .unwrap();
         md5s.extend_from_slice(&Md5::digest(data));
-        done.push(CompletedPart::builder().part_number(n).e_tag(r.e_tag().unwrap()).build());
+        done.push(
+            CompletedPart::builder()
+                .part_number(n)
+                .e_tag(r.e_tag().unwrap())
+                .build(),
+        );
     }
-    let listed = c.list_parts().bucket("demo").key("mp").upload_id(&id).send().await.unwrap();
+    let listed = c
+        .list_parts()
+        .bucket("demo")
+        .key("mp")
+        .upload_id(&id)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(listed.parts().len(), 3);
-    let uploads = c.list_multipart_uploads().bucket("demo").send().await.unwrap();
-    assert!(uploads.uploads().iter().any(|u| u.upload_id() == Some(id.as_str())));
+    let uploads = c
+        .list_multipart_uploads()
+        .bucket("demo")
+        .send()
+        .await
+        .unwrap();
+    assert!(uploads
+        .uploads()
+        .iter()
+        .any(|u| u.upload_id() == Some(id.as_str())));
 
     let reversed = CompletedMultipartUpload::builder()
         .set_parts(Some(done.iter().rev().cloned().collect()))
@@ -227,13 +341,22 @@ async fn multipart_uploads(c: &aws_sdk_s3::Client) {
         .unwrap_err();
     assert_eq!(code(&err), "InvalidPartOrder");
     let mut with_ghost = done.clone();
-    with_ghost.push(CompletedPart::builder().part_number(9).e_tag("\"00\"").build());
+    with_ghost.push(
+        CompletedPart::builder()
+            .part_number(9)
+            .e_tag("\"00\"")
+            .build(),
+    );
     let err = c
         .complete_multipart_upload()
         .bucket("demo")
         .key("mp")
         .upload_id(&id)
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(with_ghost)).build())
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(with_ghost))
+                .build(),
+        )
         .send()
         .await
         .unwrap_err();
@@ -244,20 +367,43 @@ async fn multipart_uploads(c: &aws_sdk_s3::Client) {
         .bucket("demo")
         .key("mp")
         .upload_id(&id)
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(done))
+                .build(),
+        )
         .send()
         .await
         .unwrap();
     let expected = format!("\"{}-3\"", hex::encode(Md5::digest(&md5s)));
     assert_eq!(complete.e_tag(), Some(expected.as_str()));
     let all: Vec<u8> = parts_data.concat();
-    let got = c.get_object().bucket("demo").key("mp").send().await.unwrap();
+    let got = c
+        .get_object()
+        .bucket("demo")
+        .key("mp")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(body(got).await, all);
-    let gone = c.list_parts().bucket("demo").key("mp").upload_id(&id).send().await.unwrap_err();
+    let gone = c
+        .list_parts()
+        .bucket("demo")
+        .key("mp")
+        .upload_id(&id)
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(code(&gone), "NoSuchUpload");
 
     // UploadPartCopy of a range, then abort.
-    let up = c.create_multipart_upload().bucket("demo").key("mp2").send().await.unwrap();
+    let up = c
+        .create_multipart_upload()
+        .bucket("demo")
+        .key("mp2")
+        .send()
+        .await
+        .unwrap();
     let id2 = up.upload_id().unwrap();
     let copied = c
         .upload_part_copy()
@@ -271,9 +417,25 @@ async fn multipart_uploads(c: &aws_sdk_s3::Client) {
         .await
         .unwrap();
     let want = hex::encode(Md5::digest(&all[10..5_242_890]));
-    assert_eq!(copied.copy_part_result().unwrap().e_tag(), Some(format!("\"{want}\"").as_str()));
-    c.abort_multipart_upload().bucket("demo").key("mp2").upload_id(id2).send().await.unwrap();
-    let aborted = c.list_parts().bucket("demo").key("mp2").upload_id(id2).send().await.unwrap_err();
+    assert_eq!(
+        copied.copy_part_result().unwrap().e_tag(),
+        Some(format!("\"{want}\"").as_str())
+    );
+    c.abort_multipart_upload()
+        .bucket("demo")
+        .key("mp2")
+        .upload_id(id2)
+        .send()
+        .await
+        .unwrap();
+    let aborted = c
+        .list_parts()
+        .bucket("demo")
+        .key("mp2")
+        .upload_id(id2)
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(code(&aborted), "NoSuchUpload");
 }
 
@@ -287,9 +449,24 @@ async fn copies_and_batch_deletes(c: &aws_sdk_s3::Client) {
         .send()
         .await
         .unwrap();
-    c.copy_object().bucket("demo").key("copy").copy_source("demo/orig").send().await.unwrap();
-    let got = c.get_object().bucket("demo").key("copy").send().await.unwrap();
-    assert_eq!(got.metadata().unwrap().get("k").map(String::as_str), Some("v"));
+    c.copy_object()
+        .bucket("demo")
+        .key("copy")
+        .copy_source("demo/orig")
+        .send()
+        .await
+        .unwrap();
+    let got = c
+        .get_object()
+        .bucket("demo")
+        .key("copy")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.metadata().unwrap().get("k").map(String::as_str),
+        Some("v")
+    );
     assert_eq!(body(got).await, data);
     c.copy_object()
         .bucket("demo")
@@ -300,8 +477,17 @@ async fn copies_and_batch_deletes(c: &aws_sdk_s3::Client) {
         .send()
         .await
         .unwrap();
-    let head = c.head_object().bucket("demo").key("copy").send().await.unwrap();
-    assert_eq!(head.metadata().unwrap().get("k").map(String::as_str), Some("w"));
+    let head = c
+        .head_object()
+        .bucket("demo")
+        .key("copy")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.metadata().unwrap().get("k").map(String::as_str),
+        Some("w")
+    );
 
     let ids = ["orig", "copy", "never-existed"]
         .map(|k| ObjectIdentifier::builder().key(k).build().unwrap())
@@ -314,7 +500,13 @@ async fn copies_and_batch_deletes(c: &aws_sdk_s3::Client) {
         .await
         .unwrap();
     assert_eq!(out.deleted().len(), 3);
-    let gone = c.head_object().bucket("demo").key("orig").send().await.unwrap_err();
+    let gone = c
+        .head_object()
+        .bucket("demo")
+        .key("orig")
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(status(&gone), 404);
 }
 
@@ -344,7 +536,13 @@ async fn bad_requests_change_nothing(c: &aws_sdk_s3::Client, env: &lumbung::admi
         .unwrap_err();
     assert_eq!(code(&err), "BadDigest");
     for key in ["intruder", "digest"] {
-        let e = c.head_object().bucket("demo").key(key).send().await.unwrap_err();
+        let e = c
+            .head_object()
+            .bucket("demo")
+            .key(key)
+            .send()
+            .await
+            .unwrap_err();
         assert_eq!(status(&e), 404, "{key} must not exist");
     }
 }

@@ -3,8 +3,7 @@
 //! and the bootstrap tenant's credentials.
 
 use crate::config::{
-    AdminConfig, Bootstrap, ClusterSpec, GatewayConfig, NodeConfig, NodeEntry, RaftTuning,
-    TlsFiles,
+    AdminConfig, Bootstrap, ClusterSpec, GatewayConfig, NodeConfig, NodeEntry, RaftTuning, TlsFiles,
 };
 use crate::tls::{write_pem, Authority, Role};
 use anyhow::{bail, Context};
@@ -75,7 +74,13 @@ fn write_toml<T: serde::Serialize>(path: &Path, header: &str, value: &T) -> anyh
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn issue(ca: &Authority, dir: &Path, name: &str, names: &[String], role: Role) -> anyhow::Result<TlsFiles> {
+fn issue(
+    ca: &Authority,
+    dir: &Path,
+    name: &str,
+    names: &[String],
+    role: Role,
+) -> anyhow::Result<TlsFiles> {
     let id = ca.issue(name, names, role)?;
     write_pem(&dir.join(format!("{name}.pem")), &id.cert_pem, false)?;
     write_pem(&dir.join(format!("{name}.key")), &id.key_pem, true)?;
@@ -102,11 +107,18 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         bail!("shards must be at least 2 (the meta shard and one data shard)");
     }
     if usize::from(opts.base_port) + opts.nodes > usize::from(u16::MAX) {
-        bail!("base port {} leaves no room for {} nodes", opts.base_port, opts.nodes);
+        bail!(
+            "base port {} leaves no room for {} nodes",
+            opts.base_port,
+            opts.nodes
+        );
     }
     let dir = &opts.dir;
     if dir.join("admin.toml").exists() {
-        bail!("{} already holds a cluster (admin.toml exists)", dir.display());
+        bail!(
+            "{} already holds a cluster (admin.toml exists)",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -130,7 +142,12 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
     };
     let bootstrap = Bootstrap {
         tenant: "demo".into(),
-        access_key: format!("LK{}", Alphanumeric.sample_string(&mut rand::thread_rng(), 18).to_uppercase()),
+        access_key: format!(
+            "LK{}",
+            Alphanumeric
+                .sample_string(&mut rand::thread_rng(), 18)
+                .to_uppercase()
+        ),
         secret_key: Alphanumeric.sample_string(&mut rand::thread_rng(), 40),
         bucket: "demo".into(),
     };

@@ -64,7 +64,11 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                 continue;
             }
         };
-        let leads = status.shards.iter().filter(|s| s.leader == status.node_id).count();
+        let leads = status
+            .shards
+            .iter()
+            .filter(|s| s.leader == status.node_id)
+            .count();
         for s in &status.shards {
             let view = shards.entry(s.shard).or_insert_with(|| ShardView {
                 shard: s.shard,
@@ -107,7 +111,11 @@ pub fn render(view: &ClusterView) -> String {
         "NODE", "ADDRESS", "HEALTH", "REPLICAS", "LEADS", "CHUNK BYTES", "CHUNKS", "RSS"
     ));
     for n in &view.nodes {
-        let id = if n.up { n.node_id.to_string() } else { "?".into() };
+        let id = if n.up {
+            n.node_id.to_string()
+        } else {
+            "?".into()
+        };
         out.push_str(&format!(
             "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>10}\n",
             id,
@@ -138,7 +146,9 @@ pub fn render(view: &ClusterView) -> String {
         out.push_str(&format!(
             "{:<6} {:<8} {:<12} {:>12}\n",
             s.shard,
-            s.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            s.leader
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "-".into()),
             voters.join(","),
             s.last_applied
         ));

@@ -105,7 +105,9 @@ impl ChunkStore {
         if result {
             self.count.fetch_add(1, Ordering::Relaxed);
             self.bytes.fetch_add(
-                std::fs::metadata(self.path(&id)).map(|m| m.len()).unwrap_or(0),
+                std::fs::metadata(self.path(&id))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
                 Ordering::Relaxed,
             );
         }
@@ -145,7 +147,9 @@ mod tests {
         let data = Bytes::from_static(b"granary");
         let id = ChunkId::of(&data);
         assert!(matches!(
-            store.put_verified(ChunkId::of(b"other"), data.clone()).await,
+            store
+                .put_verified(ChunkId::of(b"other"), data.clone())
+                .await,
             Err(ChunkError::Mismatch(_))
         ));
         store.put_verified(id, data.clone()).await.unwrap();

@@ -78,7 +78,9 @@ impl KeyCache {
         Err(s3_error!(
             ServiceUnavailable,
             "could not look up the access key: {}",
-            last_err.map(|s| s.message().to_string()).unwrap_or_default()
+            last_err
+                .map(|s| s.message().to_string())
+                .unwrap_or_default()
         ))
     }
 }

@@ -24,7 +24,10 @@ pub struct NodeRouter {
 
 impl NodeRouter {
     pub fn new(nodes: Vec<SocketAddr>, tls: &TlsFiles) -> anyhow::Result<NodeRouter> {
-        anyhow::ensure!(!nodes.is_empty(), "the gateway needs at least one node address");
+        anyhow::ensure!(
+            !nodes.is_empty(),
+            "the gateway needs at least one node address"
+        );
         Ok(NodeRouter {
             benched: Mutex::new(vec![None; nodes.len()]),
             nodes,

@@ -27,7 +27,10 @@ impl Chunks {
     pub async fn replicate(&self, data: Bytes) -> Result<ChunkSpan, ShardError> {
         let id = ChunkId::of(&data);
         let len = data.len() as u64;
-        let members = self.host.layout.replicas(self.host.layout.shard_for_chunk(&id));
+        let members = self
+            .host
+            .layout
+            .replicas(self.host.layout.shard_for_chunk(&id));
         let needed = members.len() / 2 + 1;
         let mut writes: FuturesUnordered<_> = members
             .iter()
@@ -39,7 +42,10 @@ impl Chunks {
             .collect();
         let (mut ok, mut failed) = (0, Vec::new());
         while let Some(r) = writes.next().await {
-            match r.map_err(|e| ShardError::Internal(e.to_string())).and_then(|r| r) {
+            match r
+                .map_err(|e| ShardError::Internal(e.to_string()))
+                .and_then(|r| r)
+            {
                 Ok(()) => ok += 1,
                 Err(e) => failed.push(e.to_string()),
             }
@@ -104,7 +110,10 @@ impl Chunks {
     /// Reads a chunk from the first replica whose copy verifies, this node
     /// first.
     pub async fn fetch(&self, id: ChunkId) -> Result<Bytes, ShardError> {
-        let mut members = self.host.layout.replicas(self.host.layout.shard_for_chunk(&id));
+        let mut members = self
+            .host
+            .layout
+            .replicas(self.host.layout.shard_for_chunk(&id));
         members.sort_by_key(|n| *n != self.host.id);
         let mut errors = Vec::new();
         for node in members {
@@ -163,7 +172,10 @@ impl Chunks {
             if self.store.contains(&id) {
                 continue;
             }
-            let members = self.host.layout.replicas(self.host.layout.shard_for_chunk(&id));
+            let members = self
+                .host
+                .layout
+                .replicas(self.host.layout.shard_for_chunk(&id));
             for node in members.into_iter().filter(|n| *n != self.host.id) {
                 if let Ok(Some(data)) = self.get_from(node, id).await {
                     if let Err(e) = self.store.put_verified(id, data).await {

@@ -68,7 +68,10 @@ impl Objects {
         self.host().layout.shard_for_bucket(tenant, bucket)
     }
 
-    pub async fn access_key(&self, access_key: &str) -> Result<Option<crate::shard::command::AccessKey>> {
+    pub async fn access_key(
+        &self,
+        access_key: &str,
+    ) -> Result<Option<crate::shard::command::AccessKey>> {
         let q = Query::AccessKey {
             access_key: access_key.to_string(),
         };
@@ -94,7 +97,13 @@ impl Objects {
         let (t, b) = (tenant.to_string(), bucket.to_string());
         match self
             .host()
-            .propose(self.index(tenant, bucket), &Command::OpenIndex { tenant: t.clone(), bucket: b.clone() })
+            .propose(
+                self.index(tenant, bucket),
+                &Command::OpenIndex {
+                    tenant: t.clone(),
+                    bucket: b.clone(),
+                },
+            )
             .await
         {
             Ok(_) | Err(ShardError::BucketExists) => {}
@@ -115,7 +124,10 @@ impl Objects {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
         };
-        let closed = self.host().propose(self.index(tenant, bucket), &close).await;
+        let closed = self
+            .host()
+            .propose(self.index(tenant, bucket), &close)
+            .await;
         if let Err(e) = &closed {
             if *e != ShardError::NoSuchBucket {
                 return closed.map(|_| ());
@@ -262,7 +274,12 @@ impl Objects {
     }
 
     /// The bytes `[start, end)` of an object, read ahead a few chunks.
-    pub fn read(&self, manifest: &Manifest, start: u64, end: u64) -> BoxStream<'static, Result<Bytes>> {
+    pub fn read(
+        &self,
+        manifest: &Manifest,
+        start: u64,
+        end: u64,
+    ) -> BoxStream<'static, Result<Bytes>> {
         match &manifest.body {
             Body::Inline(data) => {
                 let slice = Bytes::copy_from_slice(&data[start as usize..end as usize]);
@@ -299,7 +316,10 @@ impl Objects {
             bucket: bucket.to_string(),
             key: key.to_string(),
         };
-        self.host().propose(self.index(tenant, bucket), &cmd).await.map(|_| ())
+        self.host()
+            .propose(self.index(tenant, bucket), &cmd)
+            .await
+            .map(|_| ())
     }
 
     /// Copies an object: chunks are shared, only the manifest is new.
@@ -370,11 +390,19 @@ impl Objects {
                 initiated_ms: now_ms(),
             },
         };
-        self.host().propose(self.index(tenant, bucket), &cmd).await?;
+        self.host()
+            .propose(self.index(tenant, bucket), &cmd)
+            .await?;
         Ok(upload_id)
     }
 
-    pub async fn upload(&self, tenant: &str, bucket: &str, key: &str, upload_id: &str) -> Result<Upload> {
+    pub async fn upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Upload> {
         let q = Query::Upload {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
@@ -404,20 +432,33 @@ impl Objects {
             parts,
             modified_ms: now_ms(),
         };
-        match self.host().propose(self.index(tenant, bucket), &cmd).await? {
+        match self
+            .host()
+            .propose(self.index(tenant, bucket), &cmd)
+            .await?
+        {
             Value::Object(Some(m)) => Ok(m),
             v => Err(unexpected(v)),
         }
     }
 
-    pub async fn abort_upload(&self, tenant: &str, bucket: &str, key: &str, upload_id: &str) -> Result<()> {
+    pub async fn abort_upload(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<()> {
         let cmd = Command::AbortUpload {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             key: key.to_string(),
             upload_id: upload_id.to_string(),
         };
-        self.host().propose(self.index(tenant, bucket), &cmd).await.map(|_| ())
+        self.host()
+            .propose(self.index(tenant, bucket), &cmd)
+            .await
+            .map(|_| ())
     }
 
     pub async fn list_parts(
@@ -467,9 +508,7 @@ impl Objects {
     }
 }
 
-async fn join(
-    handle: Option<tokio::task::JoinHandle<Result<ChunkSpan>>>,
-) -> Result<ChunkSpan> {
+async fn join(handle: Option<tokio::task::JoinHandle<Result<ChunkSpan>>>) -> Result<ChunkSpan> {
     handle
         .ok_or_else(|| ShardError::Internal("no pending chunk".into()))?
         .await

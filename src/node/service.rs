@@ -84,10 +84,26 @@ impl Node for NodeService {
             .ok_or_else(|| Status::not_found(format!("no replica of shard {shard} here")))?;
         let de = |e: rmp_serde::decode::Error| Status::invalid_argument(e.to_string());
         let payload = match msg.kind.as_str() {
-            "append" => encode(&raft.append_entries(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
-            "vote" => encode(&raft.vote(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
-            "snapshot" => encode(&raft.install_snapshot(rmp_serde::from_slice(&msg.payload).map_err(de)?).await),
-            other => return Err(Status::invalid_argument(format!("unknown raft message {other}"))),
+            "append" => encode(
+                &raft
+                    .append_entries(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .await,
+            ),
+            "vote" => encode(
+                &raft
+                    .vote(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .await,
+            ),
+            "snapshot" => encode(
+                &raft
+                    .install_snapshot(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .await,
+            ),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown raft message {other}"
+                )))
+            }
         };
         ok(pb::RaftMessage {
             shard: msg.shard,
@@ -99,15 +115,29 @@ impl Node for NodeService {
     async fn propose(&self, req: Request<pb::ShardCall>) -> Rpc<pb::ShardReply> {
         let call = req.into_inner();
         let cmd: Command = decode(&call.payload).map_err(status_of)?;
-        let reply = self.objects.chunks.host.propose_here(ShardId(call.shard), &cmd).await;
-        ok(pb::ShardReply { payload: encode(&reply) })
+        let reply = self
+            .objects
+            .chunks
+            .host
+            .propose_here(ShardId(call.shard), &cmd)
+            .await;
+        ok(pb::ShardReply {
+            payload: encode(&reply),
+        })
     }
 
     async fn query(&self, req: Request<pb::ShardCall>) -> Rpc<pb::ShardReply> {
         let call = req.into_inner();
         let q: Query = decode(&call.payload).map_err(status_of)?;
-        let reply = self.objects.chunks.host.query_here(ShardId(call.shard), &q).await;
-        ok(pb::ShardReply { payload: encode(&reply) })
+        let reply = self
+            .objects
+            .chunks
+            .host
+            .query_here(ShardId(call.shard), &q)
+            .await;
+        ok(pb::ShardReply {
+            payload: encode(&reply),
+        })
     }
 
     async fn put_chunk(&self, req: Request<pb::Chunk>) -> Rpc<pb::Empty> {
@@ -135,9 +165,17 @@ impl Node for NodeService {
         }
     }
 
-    async fn lookup_access_key(&self, req: Request<pb::AccessKeyRequest>) -> Rpc<pb::AccessKeyReply> {
+    async fn lookup_access_key(
+        &self,
+        req: Request<pb::AccessKeyRequest>,
+    ) -> Rpc<pb::AccessKeyReply> {
         let r = req.into_inner();
-        match self.objects.access_key(&r.access_key).await.map_err(status_of)? {
+        match self
+            .objects
+            .access_key(&r.access_key)
+            .await
+            .map_err(status_of)?
+        {
             Some(k) => ok(pb::AccessKeyReply {
                 tenant: k.tenant,
                 secret_key: k.secret_key,
@@ -148,7 +186,11 @@ impl Node for NodeService {
 
     async fn list_buckets(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::BucketList> {
         let r = req.into_inner();
-        let buckets = self.objects.list_buckets(&r.tenant).await.map_err(status_of)?;
+        let buckets = self
+            .objects
+            .list_buckets(&r.tenant)
+            .await
+            .map_err(status_of)?;
         ok(pb::BucketList {
             buckets: buckets
                 .into_iter()
@@ -159,19 +201,28 @@ impl Node for NodeService {
 
     async fn create_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
-        self.objects.create_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        self.objects
+            .create_bucket(&r.tenant, &r.bucket)
+            .await
+            .map_err(status_of)?;
         ok(pb::Empty {})
     }
 
     async fn delete_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
-        self.objects.delete_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        self.objects
+            .delete_bucket(&r.tenant, &r.bucket)
+            .await
+            .map_err(status_of)?;
         ok(pb::Empty {})
     }
 
     async fn head_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
-        self.objects.head_bucket(&r.tenant, &r.bucket).await.map_err(status_of)?;
+        self.objects
+            .head_bucket(&r.tenant, &r.bucket)
+            .await
+            .map_err(status_of)?;
         ok(pb::Empty {})
     }
 
@@ -183,7 +234,8 @@ impl Node for NodeService {
             })) => h,
             _ => return Err(bad("a PUT stream must start with its header")),
         };
-        let part = (!header.upload_id.is_empty()).then(|| (header.upload_id.clone(), header.part_number));
+        let part =
+            (!header.upload_id.is_empty()).then(|| (header.upload_id.clone(), header.part_number));
         let target = Target {
             tenant: header.tenant,
             bucket: header.bucket,
@@ -192,7 +244,10 @@ impl Node for NodeService {
             user_metadata: header.user_metadata.into_iter().collect(),
             part,
         };
-        self.objects.check_target(&target).await.map_err(status_of)?;
+        self.objects
+            .check_target(&target)
+            .await
+            .map_err(status_of)?;
         let commit = Arc::new(std::sync::Mutex::new(None));
         let body = body_of(frames, commit.clone());
         let data = self
@@ -214,7 +269,8 @@ impl Node for NodeService {
         if !commit.content_md5_hex.is_empty() && commit.content_md5_hex != data.md5_hex {
             return Err(status_of(ShardError::BadDigest));
         }
-        let (etag, size, modified_ms) = self.objects.commit(target, data).await.map_err(status_of)?;
+        let (etag, size, modified_ms) =
+            self.objects.commit(target, data).await.map_err(status_of)?;
         ok(pb::PutReply {
             etag,
             size,
@@ -222,12 +278,21 @@ impl Node for NodeService {
         })
     }
 
-    type GetObjectStream = Pin<Box<dyn futures::Stream<Item = Result<pb::GetFrame, Status>> + Send>>;
+    type GetObjectStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::GetFrame, Status>> + Send>>;
 
     async fn get_object(&self, req: Request<pb::GetRequest>) -> Rpc<Self::GetObjectStream> {
         let r = req.into_inner();
-        let m = self.objects.manifest(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
-        let (start, end) = if r.ranged { (r.start, r.end) } else { (0, m.size) };
+        let m = self
+            .objects
+            .manifest(&r.tenant, &r.bucket, &r.key)
+            .await
+            .map_err(status_of)?;
+        let (start, end) = if r.ranged {
+            (r.start, r.end)
+        } else {
+            (0, m.size)
+        };
         if start > end || end > m.size {
             return Err(status_of(ShardError::InvalidRange));
         }
@@ -243,7 +308,9 @@ impl Node for NodeService {
         });
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
-            let mut frames = futures::stream::once(async { Ok(first) }).chain(data).boxed();
+            let mut frames = futures::stream::once(async { Ok(first) })
+                .chain(data)
+                .boxed();
             while let Some(f) = frames.next().await {
                 if tx.send(f).await.is_err() {
                     break;
@@ -255,24 +322,39 @@ impl Node for NodeService {
 
     async fn head_object(&self, req: Request<pb::ObjectRequest>) -> Rpc<pb::ObjectInfo> {
         let r = req.into_inner();
-        let m = self.objects.manifest(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
+        let m = self
+            .objects
+            .manifest(&r.tenant, &r.bucket, &r.key)
+            .await
+            .map_err(status_of)?;
         ok(info(&r.key, &m))
     }
 
     async fn delete_object(&self, req: Request<pb::ObjectRequest>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
-        self.objects.delete(&r.tenant, &r.bucket, &r.key).await.map_err(status_of)?;
+        self.objects
+            .delete(&r.tenant, &r.bucket, &r.key)
+            .await
+            .map_err(status_of)?;
         ok(pb::Empty {})
     }
 
     async fn copy_object(&self, req: Request<pb::CopyRequest>) -> Rpc<pb::PutReply> {
         let r = req.into_inner();
         let (etag, size, modified_ms) = if r.upload_id.is_empty() {
-            let replace = r
-                .replace_metadata
-                .then(|| (r.content_type.clone(), r.user_metadata.clone().into_iter().collect()));
+            let replace = r.replace_metadata.then(|| {
+                (
+                    r.content_type.clone(),
+                    r.user_metadata.clone().into_iter().collect(),
+                )
+            });
             self.objects
-                .copy(&r.tenant, (&r.src_bucket, &r.src_key), (&r.dst_bucket, &r.dst_key), replace)
+                .copy(
+                    &r.tenant,
+                    (&r.src_bucket, &r.src_key),
+                    (&r.dst_bucket, &r.dst_key),
+                    replace,
+                )
                 .await
                 .map_err(status_of)?
         } else {
@@ -289,7 +371,14 @@ impl Node for NodeService {
         let r = req.into_inner();
         let page = self
             .objects
-            .list(&r.tenant, &r.bucket, &r.prefix, &r.delimiter, &r.start_after, r.max_keys)
+            .list(
+                &r.tenant,
+                &r.bucket,
+                &r.prefix,
+                &r.delimiter,
+                &r.start_after,
+                r.max_keys,
+            )
             .await
             .map_err(status_of)?;
         ok(pb::ListReply {
@@ -318,7 +407,11 @@ impl Node for NodeService {
 
     async fn complete_upload(&self, req: Request<pb::CompleteRequest>) -> Rpc<pb::PutReply> {
         let r = req.into_inner();
-        let parts = r.parts.into_iter().map(|p| (p.part_number, p.etag)).collect();
+        let parts = r
+            .parts
+            .into_iter()
+            .map(|p| (p.part_number, p.etag))
+            .collect();
         let m = self
             .objects
             .complete_upload(&r.tenant, &r.bucket, &r.key, &r.upload_id, parts)
@@ -344,7 +437,14 @@ impl Node for NodeService {
         let r = req.into_inner();
         let (parts, truncated) = self
             .objects
-            .list_parts(&r.tenant, &r.bucket, &r.key, &r.upload_id, r.part_number_marker, r.max_parts)
+            .list_parts(
+                &r.tenant,
+                &r.bucket,
+                &r.key,
+                &r.upload_id,
+                r.part_number_marker,
+                r.max_parts,
+            )
             .await
             .map_err(status_of)?;
         ok(pb::ListPartsReply {
@@ -362,11 +462,21 @@ impl Node for NodeService {
         })
     }
 
-    async fn list_uploads(&self, req: Request<pb::ListUploadsRequest>) -> Rpc<pb::ListUploadsReply> {
+    async fn list_uploads(
+        &self,
+        req: Request<pb::ListUploadsRequest>,
+    ) -> Rpc<pb::ListUploadsReply> {
         let r = req.into_inner();
         let (uploads, truncated) = self
             .objects
-            .list_uploads(&r.tenant, &r.bucket, &r.prefix, &r.key_marker, &r.upload_id_marker, r.max_uploads)
+            .list_uploads(
+                &r.tenant,
+                &r.bucket,
+                &r.prefix,
+                &r.key_marker,
+                &r.upload_id_marker,
+                r.max_uploads,
+            )
             .await
             .map_err(status_of)?;
         ok(pb::ListUploadsReply {
@@ -387,7 +497,10 @@ impl Node for NodeService {
         let (chunk_bytes, chunk_count) = self.objects.chunks.store.totals();
         ok(pb::NodeStatus {
             node_id: host.id,
-            addr: host.addr_of(host.id).map(|a| a.to_string()).unwrap_or_default(),
+            addr: host
+                .addr_of(host.id)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             shards: host.status(),
             chunk_bytes,
             chunk_count,
@@ -399,8 +512,15 @@ impl Node for NodeService {
 impl NodeService {
     /// UploadPartCopy: the source range is re-chunked as a new part.
     async fn copy_part(&self, r: pb::CopyRequest) -> Result<(String, u64, i64), ShardError> {
-        let m = self.objects.manifest(&r.tenant, &r.src_bucket, &r.src_key).await?;
-        let (start, end) = if r.ranged { (r.start, r.end) } else { (0, m.size) };
+        let m = self
+            .objects
+            .manifest(&r.tenant, &r.src_bucket, &r.src_key)
+            .await?;
+        let (start, end) = if r.ranged {
+            (r.start, r.end)
+        } else {
+            (0, m.size)
+        };
         if start > end || end > m.size {
             return Err(ShardError::InvalidRange);
         }
@@ -413,7 +533,10 @@ impl NodeService {
             part: Some((r.upload_id, r.part_number)),
         };
         self.objects.check_target(&target).await?;
-        let data = self.objects.ingest(self.objects.read(&m, start, end), false).await?;
+        let data = self
+            .objects
+            .ingest(self.objects.read(&m, start, end), false)
+            .await?;
         self.objects.commit(target, data).await
     }
 }

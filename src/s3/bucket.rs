@@ -60,8 +60,10 @@ impl S3Front {
     ) -> S3Result<S3Response<CreateBucketOutput>> {
         let tenant = self.tenant(&req).await?;
         let bucket = req.input.bucket.clone();
-        self.bucket_call(tenant, bucket.clone(), |mut c, r| async move { c.create_bucket(r).await })
-            .await?;
+        self.bucket_call(tenant, bucket.clone(), |mut c, r| async move {
+            c.create_bucket(r).await
+        })
+        .await?;
         Ok(S3Response::new(CreateBucketOutput {
             location: Some(format!("/{bucket}")),
         }))

@@ -15,7 +15,10 @@ struct Encoder(bool);
 
 impl Encoder {
     fn new(kind: &Option<EncodingType>) -> Encoder {
-        Encoder(kind.as_ref().is_some_and(|k| k.as_str() == EncodingType::URL))
+        Encoder(
+            kind.as_ref()
+                .is_some_and(|k| k.as_str() == EncodingType::URL),
+        )
     }
 
     fn name(&self, s: &str) -> String {
@@ -46,7 +49,9 @@ impl Page {
                 size: Some(o.size as i64),
                 e_tag: Some(etag(&o.etag)),
                 last_modified: Some(timestamp(o.modified_ms)),
-                storage_class: Some(ObjectStorageClass::from_static(ObjectStorageClass::STANDARD)),
+                storage_class: Some(ObjectStorageClass::from_static(
+                    ObjectStorageClass::STANDARD,
+                )),
                 ..Default::default()
             })
             .collect()
@@ -139,14 +144,30 @@ impl S3Front {
             Some(t) => {
                 let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(t)
-                    .map_err(|_| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?;
-                String::from_utf8(raw)
-                    .map_err(|_| s3_error!(InvalidArgument, "The continuation token provided is incorrect"))?
+                    .map_err(|_| {
+                        s3_error!(
+                            InvalidArgument,
+                            "The continuation token provided is incorrect"
+                        )
+                    })?;
+                String::from_utf8(raw).map_err(|_| {
+                    s3_error!(
+                        InvalidArgument,
+                        "The continuation token provided is incorrect"
+                    )
+                })?
             }
             None => i.start_after.clone().unwrap_or_default(),
         };
         let page = self
-            .list_page(tenant, &i.bucket, &i.prefix, &i.delimiter, start_after, i.max_keys)
+            .list_page(
+                tenant,
+                &i.bucket,
+                &i.prefix,
+                &i.delimiter,
+                start_after,
+                i.max_keys,
+            )
             .await?;
         let enc = Encoder::new(&i.encoding_type);
         let truncated = page.reply.truncated;

@@ -12,12 +12,22 @@ fn part_number(n: i32) -> S3Result<u32> {
     u32::try_from(n)
         .ok()
         .filter(|n| (1..=10_000).contains(n))
-        .ok_or_else(|| s3_error!(InvalidArgument, "Part number must be an integer between 1 and 10000, inclusive"))
+        .ok_or_else(|| {
+            s3_error!(
+                InvalidArgument,
+                "Part number must be an integer between 1 and 10000, inclusive"
+            )
+        })
 }
 
 /// Parses `bytes=first-last` (inclusive) into `[first, last + 1)`.
 fn copy_range(header: &str) -> S3Result<(u64, u64)> {
-    let bad = || s3_error!(InvalidArgument, "The x-amz-copy-source-range value must be of the form bytes=first-last");
+    let bad = || {
+        s3_error!(
+            InvalidArgument,
+            "The x-amz-copy-source-range value must be of the form bytes=first-last"
+        )
+    };
     let spec = header.strip_prefix("bytes=").ok_or_else(bad)?;
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
@@ -101,7 +111,10 @@ impl S3Front {
         let tenant = self.tenant(&req).await?;
         let i = req.input;
         let CopySource::Bucket { bucket, key, .. } = &i.copy_source else {
-            return Err(s3_error!(NotImplemented, "access point copy sources are not supported"));
+            return Err(s3_error!(
+                NotImplemented,
+                "access point copy sources are not supported"
+            ));
         };
         let range = i.copy_source_range.as_deref().map(copy_range).transpose()?;
         let request = pb::CopyRequest {

@@ -33,11 +33,17 @@ impl Conditions {
         let modified = info.modified_ms.div_euclid(1000);
         if let Some(c) = &self.if_match {
             if !matches(c, &info.etag) {
-                return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "At least one of the pre-conditions you specified did not hold"
+                ));
             }
         } else if let Some(t) = &self.if_unmodified_since {
             if modified > seconds(t) {
-                return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "At least one of the pre-conditions you specified did not hold"
+                ));
             }
         }
         if let Some(c) = &self.if_none_match {
@@ -171,7 +177,8 @@ impl S3Front {
         Ok(S3Response::new(GetObjectOutput {
             body: Some(StreamingBlob::wrap(body)),
             content_length: Some((end - start) as i64),
-            content_range: range.map(|(s, e)| format!("bytes {s}-{}/{}", e.saturating_sub(1), info.size)),
+            content_range: range
+                .map(|(s, e)| format!("bytes {s}-{}/{}", e.saturating_sub(1), info.size)),
             accept_ranges: Some("bytes".into()),
             e_tag: Some(etag(&info.etag)),
             last_modified: Some(timestamp(info.modified_ms)),
@@ -198,7 +205,10 @@ impl S3Front {
         let (length, content_range) = match &input.range {
             Some(r) => {
                 let (s, e) = resolve(r, info.size)?;
-                (e - s, Some(format!("bytes {s}-{}/{}", e.saturating_sub(1), info.size)))
+                (
+                    e - s,
+                    Some(format!("bytes {s}-{}/{}", e.saturating_sub(1), info.size)),
+                )
             }
             None => (info.size, None),
         };
@@ -233,7 +243,8 @@ impl S3Front {
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let tenant = self.tenant(&req).await?;
-        self.delete_one(&tenant, &req.input.bucket, &req.input.key).await?;
+        self.delete_one(&tenant, &req.input.bucket, &req.input.key)
+            .await?;
         Ok(S3Response::new(DeleteObjectOutput::default()))
     }
 
@@ -244,7 +255,10 @@ impl S3Front {
         let tenant = self.tenant(&req).await?;
         let input = req.input;
         if input.delete.objects.len() > 1000 {
-            return Err(s3_error!(MalformedXML, "at most 1000 keys may be deleted at once"));
+            return Err(s3_error!(
+                MalformedXML,
+                "at most 1000 keys may be deleted at once"
+            ));
         }
         let quiet = input.delete.quiet.unwrap_or(false);
         let mut deleted = Vec::new();
@@ -281,7 +295,10 @@ impl S3Front {
         let tenant = self.tenant(&req).await?;
         let input = req.input;
         let CopySource::Bucket { bucket, key, .. } = &input.copy_source else {
-            return Err(s3_error!(NotImplemented, "access point copy sources are not supported"));
+            return Err(s3_error!(
+                NotImplemented,
+                "access point copy sources are not supported"
+            ));
         };
         let replace = input
             .metadata_directive

@@ -8,12 +8,12 @@
 
 use super::{s3_error_of, S3Front};
 use crate::rpc::pb;
+use base64::Engine;
 use bytes::BytesMut;
 use futures::StreamExt;
 use s3s::checksum::ChecksumHasher;
 use s3s::dto::{ChecksumAlgorithm, StreamingBlob};
 use s3s::{s3_error, S3Error, S3Result, TrailingHeaders};
-use base64::Engine;
 
 /// Bytes per data frame sent to the node.
 const FRAME: usize = 1024 * 1024;
@@ -36,7 +36,9 @@ impl Announced {
     fn hasher(&self) -> ChecksumHasher {
         let mut h = ChecksumHasher::default();
         let named = |n: &str| {
-            self.algorithm.as_ref().is_some_and(|a| a.as_str().eq_ignore_ascii_case(n))
+            self.algorithm
+                .as_ref()
+                .is_some_and(|a| a.as_str().eq_ignore_ascii_case(n))
                 || self
                     .trailer
                     .as_deref()
@@ -98,7 +100,10 @@ impl Announced {
         };
         match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
             Ok(raw) if raw.len() == 16 => Ok(hex::encode(raw)),
-            _ => Err(s3_error!(InvalidDigest, "The Content-MD5 you specified was not valid.")),
+            _ => Err(s3_error!(
+                InvalidDigest,
+                "The Content-MD5 you specified was not valid."
+            )),
         }
     }
 }
@@ -122,13 +127,18 @@ impl S3Front {
                 .await
         });
         let frame = |f| pb::PutFrame { frame: Some(f) };
-        let mut open = tx.send(frame(pb::put_frame::Frame::Header(header))).await.is_ok();
+        let mut open = tx
+            .send(frame(pb::put_frame::Frame::Header(header)))
+            .await
+            .is_ok();
         let mut size = 0u64;
         let mut buf = BytesMut::new();
         let mut body_error: Option<S3Error> = None;
         if let Some(mut body) = body {
             while open {
-                let Some(piece) = body.next().await else { break };
+                let Some(piece) = body.next().await else {
+                    break;
+                };
                 let piece = match piece {
                     Ok(p) => p,
                     Err(e) => {
@@ -144,7 +154,10 @@ impl S3Front {
                 buf.extend_from_slice(&piece);
                 if buf.len() >= FRAME {
                     let data = buf.split().freeze().to_vec();
-                    open = tx.send(frame(pb::put_frame::Frame::Data(data))).await.is_ok();
+                    open = tx
+                        .send(frame(pb::put_frame::Frame::Data(data)))
+                        .await
+                        .is_ok();
                 }
             }
         }
@@ -155,7 +168,10 @@ impl S3Front {
         if verdict.is_ok() && open {
             if !buf.is_empty() {
                 let data = buf.split().freeze().to_vec();
-                open = tx.send(frame(pb::put_frame::Frame::Data(data))).await.is_ok();
+                open = tx
+                    .send(frame(pb::put_frame::Frame::Data(data)))
+                    .await
+                    .is_ok();
             }
             if open {
                 let commit = pb::PutCommit {

@@ -69,10 +69,7 @@ pub enum Command {
     /// Meta shard: create a tenant if it does not exist.
     PutTenant { tenant: String, created_ms: i64 },
     /// Meta shard: store an access key for a tenant.
-    PutAccessKey {
-        access_key: String,
-        key: AccessKey,
-    },
+    PutAccessKey { access_key: String, key: AccessKey },
     /// Meta shard: add a bucket to its tenant's catalogue.
     AddBucket {
         tenant: String,

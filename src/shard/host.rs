@@ -113,7 +113,11 @@ impl ShardHost {
             let nodes: BTreeMap<NodeId, BasicNode> = members
                 .iter()
                 .map(|n| {
-                    let addr = self.spec.addr_of(*n).map(|a| a.to_string()).unwrap_or_default();
+                    let addr = self
+                        .spec
+                        .addr_of(*n)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     (*n, BasicNode { addr })
                 })
                 .collect();
@@ -171,7 +175,10 @@ impl ShardHost {
                 Err(ShardError::NotLeader { leader }) => *leader,
                 Err(ShardError::Unavailable(_)) => None,
                 _ => {
-                    self.hints.lock().unwrap_or_else(|e| e.into_inner()).insert(shard, target);
+                    self.hints
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(shard, target);
                     return result;
                 }
             };
@@ -200,7 +207,11 @@ impl ShardHost {
                 return Some(l);
             }
         }
-        self.hints.lock().unwrap_or_else(|e| e.into_inner()).get(&shard).copied()
+        self.hints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .copied()
     }
 
     async fn call_remote(&self, target: NodeId, shard: ShardId, call: &Call<'_>) -> Reply {
@@ -237,7 +248,9 @@ impl ShardHost {
             ))),
             Ok(Ok(resp)) => resp.data,
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ShardError::NotLeader { leader: f.leader_id })
+                Err(ShardError::NotLeader {
+                    leader: f.leader_id,
+                })
             }
             Ok(Err(e)) => Err(ShardError::Unavailable(e.to_string())),
         }
@@ -255,7 +268,9 @@ impl ShardHost {
                 )))
             }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                return Err(ShardError::NotLeader { leader: f.leader_id })
+                return Err(ShardError::NotLeader {
+                    leader: f.leader_id,
+                })
             }
             Ok(Err(e)) => return Err(ShardError::Unavailable(e.to_string())),
             Ok(Ok(_)) => {}
@@ -287,4 +302,3 @@ impl ShardHost {
         }
     }
 }
-

@@ -8,6 +8,9 @@
 //! Each entry is stored as `blake3(msgpack) ++ msgpack`, and the hash is
 //! checked on every read, so a corrupt log is detected, never replayed.
 
+// openraft's trait methods return its large StorageError; ours match them.
+#![allow(clippy::result_large_err)]
+
 use super::TypeConfig;
 use crate::types::{NodeId, ShardId};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -131,11 +134,6 @@ impl LogStore {
             None => Ok(None),
         }
     }
-
-    /// The number of entries still in the log.
-    pub fn len(&self) -> usize {
-        self.log.len()
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -200,7 +198,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.read_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+        Ok(self
+            .read_meta::<Option<LogId<NodeId>>>(COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>

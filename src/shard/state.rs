@@ -127,7 +127,13 @@ impl State {
     }
 
     fn has_prefix(&self, prefix: &[u8]) -> Io<bool> {
-        Ok(self.tree.scan_prefix(prefix).next().transpose().map_err(io)?.is_some())
+        Ok(self
+            .tree
+            .scan_prefix(prefix)
+            .next()
+            .transpose()
+            .map_err(io)?
+            .is_some())
     }
 
     /// Applies `cmd`, putting its writes into `batch`. An `Err` that is
@@ -140,7 +146,10 @@ impl State {
                     batch.insert(k, encode(created_ms));
                 }
             }
-            Command::PutAccessKey { access_key, key: ak } => {
+            Command::PutAccessKey {
+                access_key,
+                key: ak,
+            } => {
                 batch.insert(key(tag::ACCESS_KEY, &[access_key.as_bytes()]), encode(ak));
             }
             Command::AddBucket {
@@ -213,7 +222,10 @@ impl State {
                 if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
                     return Err(ShardError::NoSuchUpload);
                 }
-                batch.insert(part_key(tenant, bucket, upload_id, *part_number), encode(part));
+                batch.insert(
+                    part_key(tenant, bucket, upload_id, *part_number),
+                    encode(part),
+                );
             }
             Command::CompleteUpload {
                 tenant,
@@ -260,7 +272,10 @@ impl State {
         batch: &mut Batch,
     ) -> Io<()> {
         batch.remove(upload_key(tenant, bucket, object, upload_id));
-        for kv in self.tree.scan_prefix(parts_prefix(tenant, bucket, upload_id)) {
+        for kv in self
+            .tree
+            .scan_prefix(parts_prefix(tenant, bucket, upload_id))
+        {
             batch.remove(kv.map_err(io)?.0);
         }
         Ok(())
@@ -294,7 +309,9 @@ impl State {
         for (number, etag) in wanted {
             let part: Part = self
                 .get(&part_key(tenant, bucket, upload_id, *number))?
-                .ok_or_else(|| ShardError::InvalidPart(format!("part {number} was not uploaded")))?;
+                .ok_or_else(|| {
+                    ShardError::InvalidPart(format!("part {number} was not uploaded"))
+                })?;
             if part.etag != etag.trim_matches('"') {
                 return Err(ShardError::InvalidPart(format!(
                     "part {number} has ETag \"{}\", not {etag}",
@@ -314,8 +331,9 @@ impl State {
                     part.size
                 )));
             }
-            let raw = hex::decode(&part.etag)
-                .map_err(|_| ShardError::Internal(format!("stored ETag of part {number} is not hex")))?;
+            let raw = hex::decode(&part.etag).map_err(|_| {
+                ShardError::Internal(format!("stored ETag of part {number} is not hex"))
+            })?;
             md5s.update(&raw);
             size += part.size;
             chunks.extend(part.chunks);
@@ -356,7 +374,9 @@ impl State {
                 key: object,
             } => {
                 self.require_index(tenant, bucket)?;
-                Ok(Value::Object(self.get(&object_key(tenant, bucket, object))?))
+                Ok(Value::Object(
+                    self.get(&object_key(tenant, bucket, object))?,
+                ))
             }
             Query::List {
                 tenant,

@@ -6,6 +6,9 @@
 //! openraft replays the rest from the log. Snapshots are built from the live
 //! tree after an fsync, which is what makes purging the log behind them safe.
 
+// openraft's trait methods return its large StorageError; ours match them.
+#![allow(clippy::result_large_err)]
+
 use super::command::{decode, encode, Command, Reply, Value};
 use super::state::{chunk_of_key, State};
 use super::TypeConfig;
@@ -23,6 +26,8 @@ use tokio::sync::mpsc;
 pub type ChunkRefs = mpsc::UnboundedSender<(ChunkId, Instant)>;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
+/// The last applied log id and the membership it implies.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
 /// Keys of openraft's own bookkeeping; 0xFF never starts a data key.
 const APPLIED: &[u8] = b"\xffapplied";
@@ -70,7 +75,7 @@ impl StateMachine {
         }
     }
 
-    fn applied(&self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    fn applied(&self) -> StorageResult<AppliedState> {
         Ok((
             self.read(APPLIED)?,
             self.read(MEMBERSHIP)?.unwrap_or_default(),
@@ -111,9 +116,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> StorageResult<AppliedState> {
         self.applied()
     }
 

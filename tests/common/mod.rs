@@ -36,7 +36,9 @@ fn rand_u16() -> u16 {
 pub async fn cluster(dir: &Path, shards: u32) -> DevCluster {
     let mut opts = DevOptions::new(dir.join("cluster"), free_ports(4));
     opts.shards = shards;
-    lumbung::dev::start(&opts).await.expect("dev cluster starts")
+    lumbung::dev::start(&opts)
+        .await
+        .expect("dev cluster starts")
 }
 
 /// An S3 client for the credentials in `env`, over TLS with the cluster CA.
@@ -96,6 +98,8 @@ where
 }
 
 /// The HTTP status of a failed SDK call.
-pub fn status<E>(err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> u16 {
+pub fn status<E>(
+    err: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> u16 {
     err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0)
 }
