@@ -154,10 +154,15 @@ impl Objects {
     }
 
     /// Streams `body` into chunks (or inline), a few chunks in flight.
-    pub async fn ingest<S>(&self, mut body: S, inline_ok: bool) -> Result<Ingested>
+    /// `check` runs before the first chunk is written, so a request for a
+    /// missing bucket costs no chunk writes; an inline body skips it, as the
+    /// commit itself is refused atomically then.
+    pub async fn ingest<S, C>(&self, mut body: S, inline_ok: bool, check: C) -> Result<Ingested>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
+        C: std::future::Future<Output = Result<()>>,
     {
+        let mut check = Some(check);
         let mut md5 = Md5::new();
         let mut size = 0u64;
         let mut buf = BytesMut::new();
@@ -169,6 +174,9 @@ impl Objects {
             size += piece.len() as u64;
             buf.extend_from_slice(&piece);
             while buf.len() >= CHUNK_SIZE {
+                if let Some(c) = check.take() {
+                    c.await?;
+                }
                 let chunk = buf.split_to(CHUNK_SIZE).freeze();
                 let chunks = self.chunks.clone();
                 pending.push_back(tokio::spawn(async move { chunks.replicate(chunk).await }));
@@ -184,6 +192,9 @@ impl Objects {
                 md5_hex,
                 body: Body::Inline(buf.to_vec()),
             });
+        }
+        if let Some(c) = check.take() {
+            c.await?;
         }
         if !buf.is_empty() {
             let chunks = self.chunks.clone();

@@ -244,15 +244,12 @@ impl Node for NodeService {
             user_metadata: header.user_metadata.into_iter().collect(),
             part,
         };
-        self.objects
-            .check_target(&target)
-            .await
-            .map_err(status_of)?;
         let commit = Arc::new(std::sync::Mutex::new(None));
         let body = body_of(frames, commit.clone());
+        let check = self.objects.check_target(&target);
         let data = self
             .objects
-            .ingest(body, target.part.is_none())
+            .ingest(body, target.part.is_none(), check)
             .await
             .map_err(status_of)?;
         let commit = commit
@@ -532,10 +529,10 @@ impl NodeService {
             user_metadata: Default::default(),
             part: Some((r.upload_id, r.part_number)),
         };
-        self.objects.check_target(&target).await?;
+        let check = self.objects.check_target(&target);
         let data = self
             .objects
-            .ingest(self.objects.read(&m, start, end), false)
+            .ingest(self.objects.read(&m, start, end), false, check)
             .await?;
         self.objects.commit(target, data).await
     }

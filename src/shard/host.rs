@@ -9,6 +9,7 @@
 use super::command::{decode, encode, Command, Query, Reply, ShardError};
 use super::log_store::{Flusher, LogStore};
 use super::network::Network;
+use super::read_gate::ReadGate;
 use super::state::State;
 use super::state_machine::StateMachine;
 use super::Raft;
@@ -16,7 +17,7 @@ use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
 use crate::rpc::{error_of, pb, Pool};
 use crate::types::{NodeId, ShardId};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 struct Replica {
     raft: Raft,
     state: State,
+    reads: ReadGate,
 }
 
 /// The shards of this node.
@@ -87,7 +89,14 @@ impl ShardHost {
                 pool: pool.clone(),
             };
             let raft = Raft::new(id, config.clone(), network, log, sm).await?;
-            replicas.insert(shard, Replica { raft, state });
+            replicas.insert(
+                shard,
+                Replica {
+                    raft,
+                    state,
+                    reads: ReadGate::default(),
+                },
+            );
         }
         let host = ShardHost {
             id,
@@ -261,20 +270,7 @@ impl ShardHost {
         let Some(r) = self.replicas.get(&shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
-        match tokio::time::timeout(WRITE_DEADLINE, r.raft.ensure_linearizable()).await {
-            Err(_) => {
-                return Err(ShardError::Unavailable(format!(
-                    "shard {shard} could not confirm its leader"
-                )))
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                return Err(ShardError::NotLeader {
-                    leader: f.leader_id,
-                })
-            }
-            Ok(Err(e)) => return Err(ShardError::Unavailable(e.to_string())),
-            Ok(Ok(_)) => {}
-        }
+        r.reads.confirm(&r.raft).await?;
         r.state.query(q)
     }
 

@@ -21,6 +21,7 @@ pub mod command;
 pub mod host;
 pub mod log_store;
 pub mod network;
+pub mod read_gate;
 pub mod state;
 pub mod state_machine;
 

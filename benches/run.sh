@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Reproduces README's performance figures on this machine: starts a 3-node
+# cluster (RF 3) and a gateway as real release processes on loopback,
+# measures the disk's direct+fsync write bandwidth, then drives the load
+# tool over TLS. Every figure is printed next to the command that made it.
+#
+#   benches/run.sh              # all figures (a few minutes)
+#   SECONDS_PER_PHASE=10 benches/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${SECONDS_PER_PHASE:-20}
+
+cargo build --release --bin lumbung
+cargo bench --bench load --no-run
+load=(cargo bench --bench load --)
+
+work=$(mktemp -d /var/tmp/lumbung-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+echo "== disk: dd if=/dev/zero of=$work/dd.bin bs=1M count=1024 oflag=direct conv=fsync"
+dd if=/dev/zero of="$work/dd.bin" bs=1M count=1024 oflag=direct conv=fsync 2>&1 | tail -n 1
+rm -f "$work/dd.bin"
+
+port=$(python3 -c 'import random; print(random.randint(20000, 60000))')
+target/release/lumbung admin init-cluster --nodes 3 --dir "$work/cluster" --base-port "$port" >/dev/null
+for i in 1 2 3; do
+  RUST_LOG=warn,openraft=error target/release/lumbung node --config "$work/cluster/node$i.toml" 2>"$work/node$i.log" &
+  pids+=($!)
+done
+RUST_LOG=warn target/release/lumbung gateway --config "$work/cluster/gateway.toml" 2>"$work/gateway.log" &
+pids+=($!)
+set -a; . "$work/cluster/s3.env"; set +a
+for _ in $(seq 1 120); do
+  curl -s -o /dev/null --cacert "$S3_CA_CERT" "$S3_ENDPOINT/" && break; sleep 0.5
+done
+sleep 3  # let every shard elect a leader
+
+rss() {
+  local names=(node1 node2 node3 gateway) i=0
+  for p in "${pids[@]}"; do
+    printf '%s rss=%s peak=%s  ' "${names[$i]}" \
+      "$(awk '/VmRSS/ {print $2 $3}' /proc/$p/status)" "$(awk '/VmHWM/ {print $2 $3}' /proc/$p/status)"
+    i=$((i + 1))
+  done
+  echo
+}
+
+run() {
+  echo "== ${load[*]} --env-file s3.env $*"
+  "${load[@]}" --env-file "$work/cluster/s3.env" "$@" 2>/dev/null
+  rss
+}
+
+run --size 4KiB --concurrency 64 --seconds "$secs"
+run --size 64MiB --concurrency 4 --seconds "$secs"
