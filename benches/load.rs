@@ -150,10 +150,13 @@ async fn main() {
             let (c, b, body) = (c.clone(), b.clone(), body.clone());
             let key = format!("{p}/{w}-{i}");
             async move {
+                // Over TLS, like aws-cli: the body is not hashed for the signature.
                 c.put_object()
                     .bucket(b)
                     .key(key)
                     .body(ByteStream::from(body))
+                    .customize()
+                    .disable_payload_signing()
                     .send()
                     .await
                     .is_ok()

@@ -77,8 +77,8 @@ impl Chunks {
             .ok_or_else(|| ShardError::Internal(format!("unknown node {node}")))?;
         let mut client = self.host.pool().client(addr)?;
         let msg = pb::Chunk {
-            id: id.0.to_vec(),
-            data: data.to_vec(),
+            id: Bytes::copy_from_slice(&id.0),
+            data,
         };
         match tokio::time::timeout(Duration::from_secs(30), client.put_chunk(msg)).await {
             Ok(Ok(_)) => Ok(()),
@@ -145,13 +145,15 @@ impl Chunks {
         let mut client = self.host.pool().client(addr)?;
         let reply = tokio::time::timeout(
             Duration::from_secs(30),
-            client.get_chunk(pb::ChunkRef { id: id.0.to_vec() }),
+            client.get_chunk(pb::ChunkRef {
+                id: Bytes::copy_from_slice(&id.0),
+            }),
         )
         .await
         .map_err(|_| ShardError::Unavailable(format!("node {node} timed out")))?;
         match reply {
             Ok(r) => {
-                let data = Bytes::from(r.into_inner().data);
+                let data = r.into_inner().data;
                 // Never trust a peer: the name is the hash.
                 Ok((ChunkId::of(&data) == id).then_some(data))
             }

@@ -55,7 +55,7 @@ fn body_of(
                     Err(s) => Some(Err(error_of(&s))),
                     Ok(pb::PutFrame {
                         frame: Some(pb::put_frame::Frame::Data(d)),
-                    }) => Some(Ok(Bytes::from(d))),
+                    }) => Some(Ok(d)),
                     Ok(pb::PutFrame {
                         frame: Some(pb::put_frame::Frame::Commit(c)),
                     }) => {
@@ -108,7 +108,7 @@ impl Node for NodeService {
         ok(pb::RaftMessage {
             shard: msg.shard,
             kind: msg.kind,
-            payload,
+            payload: payload.into(),
         })
     }
 
@@ -122,7 +122,7 @@ impl Node for NodeService {
             .propose_here(ShardId(call.shard), &cmd)
             .await;
         ok(pb::ShardReply {
-            payload: encode(&reply),
+            payload: encode(&reply).into(),
         })
     }
 
@@ -136,7 +136,7 @@ impl Node for NodeService {
             .query_here(ShardId(call.shard), &q)
             .await;
         ok(pb::ShardReply {
-            payload: encode(&reply),
+            payload: encode(&reply).into(),
         })
     }
 
@@ -146,7 +146,7 @@ impl Node for NodeService {
         self.objects
             .chunks
             .store
-            .put_verified(id, Bytes::from(c.data))
+            .put_verified(id, c.data)
             .await
             .map_err(|e| bad(e.to_string()))?;
         ok(pb::Empty {})
@@ -156,10 +156,7 @@ impl Node for NodeService {
         let r = req.into_inner();
         let id = ChunkId::from_slice(&r.id).ok_or_else(|| bad("chunk id must be 32 bytes"))?;
         match self.objects.chunks.store.get_verified(id).await {
-            Ok(Some(data)) => ok(pb::Chunk {
-                id: r.id,
-                data: data.to_vec(),
-            }),
+            Ok(Some(data)) => ok(pb::Chunk { id: r.id, data }),
             Ok(None) => Err(Status::not_found("chunk not on this replica")),
             Err(e) => Err(Status::internal(e.to_string())),
         }
@@ -299,7 +296,7 @@ impl Node for NodeService {
         let data = self.objects.read(&m, start, end).map(|piece| {
             piece
                 .map(|d| pb::GetFrame {
-                    frame: Some(pb::get_frame::Frame::Data(d.to_vec())),
+                    frame: Some(pb::get_frame::Frame::Data(d)),
                 })
                 .map_err(status_of)
         });

@@ -170,7 +170,7 @@ impl S3Front {
         let body = stream.map(|f| match f {
             Ok(pb::GetFrame {
                 frame: Some(pb::get_frame::Frame::Data(d)),
-            }) => Ok(bytes::Bytes::from(d)),
+            }) => Ok(d),
             Ok(_) => Err(std::io::Error::other("unexpected frame")),
             Err(s) => Err(std::io::Error::other(s.message().to_string())),
         });

@@ -153,7 +153,7 @@ impl S3Front {
                 size += piece.len() as u64;
                 buf.extend_from_slice(&piece);
                 if buf.len() >= FRAME {
-                    let data = buf.split().freeze().to_vec();
+                    let data = buf.split().freeze();
                     open = tx
                         .send(frame(pb::put_frame::Frame::Data(data)))
                         .await
@@ -167,7 +167,7 @@ impl S3Front {
         };
         if verdict.is_ok() && open {
             if !buf.is_empty() {
-                let data = buf.split().freeze().to_vec();
+                let data = buf.split().freeze();
                 open = tx
                     .send(frame(pb::put_frame::Frame::Data(data)))
                     .await

@@ -232,8 +232,8 @@ impl ShardHost {
         let msg = pb::ShardCall {
             shard: shard.0,
             payload: match call {
-                Call::Propose(c) => encode(*c),
-                Call::Query(q) => encode(*q),
+                Call::Propose(c) => encode(*c).into(),
+                Call::Query(q) => encode(*q).into(),
             },
         };
         let reply = match call {

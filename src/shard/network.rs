@@ -70,7 +70,9 @@ impl Peer {
         let msg = pb::RaftMessage {
             shard: self.shard.0,
             kind: kind.to_string(),
-            payload: rmp_serde::to_vec_named(req).expect("raft messages serialize"),
+            payload: rmp_serde::to_vec_named(req)
+                .expect("raft messages serialize")
+                .into(),
         };
         let reply = tokio::time::timeout(option.hard_ttl(), client.raft(msg))
             .await
