@@ -17,7 +17,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -27,37 +27,40 @@ enum Waiter {
     Notify(oneshot::Sender<std::io::Result<()>>),
 }
 
-/// The node's group-commit fsync loop.
+/// The node's group-commit fsync loop: one thread that fsyncs the database
+/// for everyone who asked while the previous fsync ran. (sled's own
+/// `flush_async` wakes its whole thread pool on every call.)
 #[derive(Clone)]
 pub struct Flusher {
-    tx: mpsc::UnboundedSender<Waiter>,
+    tx: std::sync::mpsc::Sender<Waiter>,
 }
 
 impl Flusher {
     /// Starts the loop for `db`; it ends when every handle is dropped.
     pub fn start(db: sled::Db) -> Flusher {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut waiters = vec![first];
-                while let Ok(w) = rx.try_recv() {
-                    waiters.push(w);
-                }
-                let result = db.flush_async().await.map(|_| ());
-                for w in waiters {
-                    let r = result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| std::io::Error::other(e.to_string()));
-                    match w {
-                        Waiter::Log(cb) => cb.log_io_completed(r),
-                        Waiter::Notify(tx) => {
-                            let _ = tx.send(r);
+        let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
+        std::thread::Builder::new()
+            .name("lumbung-fsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = db.flush().map(|_| ());
+                    for w in waiters {
+                        let r = result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        match w {
+                            Waiter::Log(cb) => cb.log_io_completed(r),
+                            Waiter::Notify(tx) => {
+                                let _ = tx.send(r);
+                            }
                         }
                     }
                 }
-            }
-        });
+            })
+            .expect("spawning the fsync thread");
         Flusher { tx }
     }
 
@@ -72,7 +75,7 @@ impl Flusher {
     }
 
     fn after_next_sync(&self, cb: LogFlushed<TypeConfig>) {
-        if let Err(mpsc::error::SendError(Waiter::Log(cb))) = self.tx.send(Waiter::Log(cb)) {
+        if let Err(std::sync::mpsc::SendError(Waiter::Log(cb))) = self.tx.send(Waiter::Log(cb)) {
             cb.log_io_completed(Err(std::io::Error::other("flusher stopped")));
         }
     }
