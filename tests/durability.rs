@@ -44,7 +44,7 @@ impl Processes {
         let child = Command::new(env!("CARGO_BIN_EXE_lumbung"))
             .args([what, "--config"])
             .arg(self.dir.join(file))
-            .env("RUST_LOG", "warn,openraft=error")
+            .env("RUST_LOG", "warn,openraft=error,lumbung::shard=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -110,7 +110,7 @@ async fn writer(c: aws_sdk_s3::Client, log: Arc<Mutex<Log>>, stop: Arc<AtomicBoo
     }
 }
 
-/// Longest stretch without a successful PUT after `since`.
+/// Longest stretch without a successful PUT from `since` until now.
 fn longest_gap(log: &Mutex<Log>, since: Instant) -> Duration {
     let l = log.lock().unwrap();
     let mut prev = since;
@@ -119,7 +119,7 @@ fn longest_gap(log: &Mutex<Log>, since: Instant) -> Duration {
         gap = gap.max(*t - prev);
         prev = *t;
     }
-    gap
+    gap.max(prev.elapsed())
 }
 
 async fn status(admin: &AdminConfig) -> lumbung::admin::status::ClusterView {
@@ -187,7 +187,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     // 1. A node dies and comes back.
     let killed = Instant::now();
     procs.kill(2);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     procs.spawn(2);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let gap = longest_gap(&log, killed);
@@ -207,7 +207,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         .expect("the index shard has a leader") as usize;
     let killed = Instant::now();
     procs.kill(leader);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let gap = longest_gap(&log, killed);
     println!("after killing leader node {leader}: longest pause in writes {gap:?}");
     assert!(
@@ -257,6 +257,12 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    let laggard_log = std::fs::read_to_string(dir.join(format!("node{laggard}.log"))).unwrap();
+    assert!(
+        laggard_log.contains("installed snapshot from the leader"),
+        "node {laggard} caught up without a snapshot; the test did not purge enough log"
+    );
 
     // Every acknowledged object, byte for byte.
     let acked = log.lock().unwrap().acked.clone();

@@ -76,7 +76,8 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                 voters: s.voters.clone(),
                 last_applied: 0,
             });
-            if s.leader != 0 {
+            // A node's own claim to lead beats another's possibly stale view.
+            if s.leader == status.node_id || (s.leader != 0 && view.leader.is_none()) {
                 view.leader = Some(s.leader);
             }
             view.last_applied = view.last_applied.max(s.last_applied);

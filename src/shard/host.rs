@@ -61,6 +61,7 @@ impl ShardHost {
         spec: &ClusterSpec,
         tuning: &RaftTuning,
         db: &sled::Db,
+        snapshots: &std::path::Path,
         pool: Arc<Pool>,
         chunk_refs: super::state_machine::ChunkRefs,
     ) -> anyhow::Result<ShardHost> {
@@ -83,7 +84,13 @@ impl ShardHost {
         for shard in layout.shards_of(id) {
             let log = LogStore::open(db, shard, flusher.clone())?;
             let state = State::new(db.open_tree(format!("sm/{shard}"))?);
-            let sm = StateMachine::new(shard, state.clone(), flusher.clone(), chunk_refs.clone());
+            let sm = StateMachine::new(
+                shard,
+                state.clone(),
+                flusher.clone(),
+                chunk_refs.clone(),
+                snapshots.to_path_buf(),
+            );
             let network = Network {
                 shard,
                 pool: pool.clone(),

@@ -22,6 +22,7 @@ pub mod host;
 pub mod log_store;
 pub mod network;
 pub mod read_gate;
+pub mod snapshot;
 pub mod state;
 pub mod state_machine;
 
@@ -36,7 +37,7 @@ openraft::declare_raft_types!(
         NodeId = crate::types::NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -3,13 +3,15 @@
 //!
 //! Each entry's writes and the new "last applied" id go into one sled batch,
 //! so after a crash the tree is exactly the state after some entry and
-//! openraft replays the rest from the log. Snapshots are built from the live
-//! tree after an fsync, which is what makes purging the log behind them safe.
+//! openraft replays the rest from the log. Snapshots are files written from
+//! the tree after an fsync, which is what makes purging the log behind them
+//! safe (see [`snapshot`] for their layout).
 
 // openraft's trait methods return its large StorageError; ours match them.
 #![allow(clippy::result_large_err)]
 
 use super::command::{decode, encode, Command, Reply, Value};
+use super::snapshot;
 use super::state::{chunk_of_key, State};
 use super::TypeConfig;
 use crate::types::{ChunkId, NodeId, ShardId};
@@ -18,7 +20,7 @@ use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use std::io::Cursor;
+use std::path::PathBuf;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -37,12 +39,6 @@ fn sm_err(e: impl ToString) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
 }
 
-/// The serialized form of a snapshot: every data key and value of the tree.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SnapshotBody {
-    pairs: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
-}
-
 /// One shard's state machine.
 pub struct StateMachine {
     shard: ShardId,
@@ -51,6 +47,10 @@ pub struct StateMachine {
     /// Chunks this replica was told about but may not hold yet; the node's
     /// repair task fetches the missing ones from other replicas.
     chunk_refs: ChunkRefs,
+    /// Where this node keeps snapshot files.
+    snapshots: PathBuf,
+    /// The file a snapshot from the leader is being received into.
+    receiving: Option<PathBuf>,
 }
 
 impl StateMachine {
@@ -59,12 +59,15 @@ impl StateMachine {
         state: State,
         flusher: super::log_store::Flusher,
         chunk_refs: ChunkRefs,
+        snapshots: PathBuf,
     ) -> StateMachine {
         StateMachine {
             shard,
             state,
             flusher,
             chunk_refs,
+            snapshots,
+            receiving: None,
         }
     }
 
@@ -82,39 +85,58 @@ impl StateMachine {
         ))
     }
 
-    fn snapshot_now(&self) -> StorageResult<Snapshot<TypeConfig>> {
+    fn current_path(&self) -> PathBuf {
+        snapshot::current_path(&self.snapshots, self.shard)
+    }
+
+    /// Writes the state as it is now to the shard's snapshot file. Runs
+    /// while openraft holds the state machine, so no entry is applied
+    /// meanwhile and the file is one consistent point of the log.
+    async fn write_snapshot(&self) -> StorageResult<snapshot::Meta> {
+        // The log is purged behind the snapshot: the state must be on disk.
+        self.flusher.sync().await.map_err(sm_err)?;
         let (last_applied, membership) = self.applied()?;
-        let mut pairs = Vec::new();
-        for kv in self.state.tree.range(..&[0xFFu8][..]) {
-            let (k, v) = kv.map_err(sm_err)?;
-            pairs.push((k.to_vec().into(), v.to_vec().into()));
-        }
-        let data = encode(&SnapshotBody { pairs });
-        let id = match last_applied {
-            Some(l) => format!("{}-{}-{}", self.shard, l.leader_id.term, l.index),
-            None => format!("{}-empty", self.shard),
-        };
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: last_applied,
-                last_membership: membership,
-                snapshot_id: id,
+        let meta = snapshot::Meta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: match last_applied {
+                Some(l) => format!("{}-{}-{}", self.shard, l.leader_id.term, l.index),
+                None => format!("{}-empty", self.shard),
             },
-            snapshot: Box::new(Cursor::new(data)),
+        };
+        let (tree, path, m) = (self.state.tree.clone(), self.current_path(), meta.clone());
+        tokio::task::spawn_blocking(move || {
+            let pairs = tree
+                .range(..&[0xFFu8][..])
+                .map(|kv| kv.map_err(|e| std::io::Error::other(e.to_string())));
+            snapshot::write(&path, &m, pairs)
+        })
+        .await
+        .map_err(sm_err)?
+        .map_err(sm_err)?;
+        Ok(meta)
+    }
+}
+
+/// Hands openraft the snapshot file written when it asked for a builder.
+pub struct Builder {
+    path: PathBuf,
+    written: Result<snapshot::Meta, String>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let meta = self.written.clone().map_err(sm_err)?;
+        let file = tokio::fs::File::open(&self.path).await.map_err(sm_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
         })
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // The log is purged behind the snapshot: the state must be on disk.
-        self.flusher.sync().await.map_err(sm_err)?;
-        self.snapshot_now()
-    }
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = StateMachine;
+    type SnapshotBuilder = Builder;
 
     async fn applied_state(&mut self) -> StorageResult<AppliedState> {
         self.applied()
@@ -163,50 +185,90 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        StateMachine {
-            shard: self.shard,
-            state: self.state.clone(),
-            flusher: self.flusher.clone(),
-            chunk_refs: self.chunk_refs.clone(),
+        Builder {
+            path: self.current_path(),
+            written: self.write_snapshot().await.map_err(|e| e.to_string()),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let path = self
+            .snapshots
+            .join(format!("shard-{}.receiving", self.shard));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(sm_err)?;
+        self.receiving = Some(path);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        let body: SnapshotBody = decode(snapshot.get_ref()).map_err(sm_err)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.state.tree.iter() {
-            batch.remove(kv.map_err(sm_err)?.0);
-        }
-        for (k, v) in &body.pairs {
-            batch.insert(k.as_slice(), v.as_slice());
-        }
+        use std::io::Seek;
+        let mut file = *snapshot;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(sm_err)?;
+        let mut file = file.into_std().await;
+        file.rewind().map_err(sm_err)?;
+        let tree = self.state.tree.clone();
+        // Old state out, new state in, one atomic batch; nothing is applied
+        // unless the whole file verified.
+        let (mut batch, chunks) = tokio::task::spawn_blocking(move || {
+            let mut batch = sled::Batch::default();
+            for kv in tree.iter() {
+                batch.remove(kv.map_err(sm_err)?.0);
+            }
+            let mut chunks = Vec::new();
+            snapshot::read(file, |k, v| {
+                if let Some(id) = chunk_of_key(&k) {
+                    chunks.push(id);
+                }
+                batch.insert(k, v);
+            })
+            .map_err(sm_err)?;
+            Ok::<_, StorageError<NodeId>>((batch, chunks))
+        })
+        .await
+        .map_err(sm_err)??;
         batch.insert(APPLIED, encode(&meta.last_log_id));
         batch.insert(MEMBERSHIP, encode(&meta.last_membership));
         self.state.tree.apply_batch(batch).map_err(sm_err)?;
         self.flusher.sync().await.map_err(sm_err)?;
-        for (k, _) in &body.pairs {
-            if let Some(id) = chunk_of_key(k) {
-                let _ = self.chunk_refs.send((id, Instant::now()));
-            }
+        // The received file is now this replica's snapshot too.
+        if let Some(path) = self.receiving.take() {
+            std::fs::rename(&path, self.current_path()).map_err(sm_err)?;
+        }
+        tracing::info!(
+            shard = %self.shard,
+            upto = ?meta.last_log_id,
+            chunks = chunks.len(),
+            "installed snapshot from the leader"
+        );
+        for id in chunks {
+            let _ = self.chunk_refs.send((id, Instant::now()));
         }
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        // The live state is always a valid snapshot of itself.
-        let (applied, _) = self.applied()?;
-        if applied.is_none() {
+        let path = self.current_path();
+        if !path.exists() {
             return Ok(None);
         }
-        self.flusher.sync().await.map_err(sm_err)?;
-        self.snapshot_now().map(Some)
+        let meta = snapshot::read_meta(&path).map_err(sm_err)?;
+        let file = tokio::fs::File::open(&path).await.map_err(sm_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
     }
 }
