@@ -84,7 +84,7 @@ pub fn write<I>(path: &Path, meta: &Meta, pairs: I) -> std::io::Result<()>
 where
     I: Iterator<Item = std::io::Result<(sled::IVec, sled::IVec)>>,
 {
-    let tmp = path.with_extension("tmp");
+    let tmp = tmp_path(path);
     let file = File::create(&tmp)?;
     let mut w = Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -155,4 +155,20 @@ pub fn read(file: File, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> std::io::Resu
 /// The current snapshot file of a shard.
 pub fn current_path(dir: &Path, shard: crate::types::ShardId) -> PathBuf {
     dir.join(format!("shard-{shard}.snap"))
+}
+
+/// Writes a small file atomically and durably (tmp, fsync, rename, fsync dir).
+pub fn write_small(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = tmp_path(path);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }

@@ -3,9 +3,10 @@
 //!
 //! Each entry's writes and the new "last applied" id go into one sled batch,
 //! so after a crash the tree is exactly the state after some entry and
-//! openraft replays the rest from the log. Snapshots are files written from
-//! the tree after an fsync, which is what makes purging the log behind them
-//! safe (see [`snapshot`] for their layout).
+//! openraft replays the rest from the log. The tree is its own snapshot: a
+//! "build" is an fsync plus a checkpoint note, which is what makes purging
+//! the log behind it safe; the tree is written out as a file (see
+//! [`snapshot`]) only when a lagging follower needs one.
 
 // openraft's trait methods return its large StorageError; ours match them.
 #![allow(clippy::result_large_err)]
@@ -51,6 +52,8 @@ pub struct StateMachine {
     snapshots: PathBuf,
     /// The file a snapshot from the leader is being received into.
     receiving: Option<PathBuf>,
+    /// False until openraft's start-up has read the checkpoint.
+    started: bool,
 }
 
 impl StateMachine {
@@ -68,6 +71,7 @@ impl StateMachine {
             chunk_refs,
             snapshots,
             receiving: None,
+            started: false,
         }
     }
 
@@ -89,21 +93,44 @@ impl StateMachine {
         snapshot::current_path(&self.snapshots, self.shard)
     }
 
-    /// Writes the state as it is now to the shard's snapshot file. Runs
-    /// while openraft holds the state machine, so no entry is applied
-    /// meanwhile and the file is one consistent point of the log.
-    async fn write_snapshot(&self) -> StorageResult<snapshot::Meta> {
-        // The log is purged behind the snapshot: the state must be on disk.
-        self.flusher.sync().await.map_err(sm_err)?;
+    fn checkpoint_path(&self) -> PathBuf {
+        self.snapshots
+            .join(format!("shard-{}.checkpoint", self.shard))
+    }
+
+    fn meta_now(&self) -> StorageResult<snapshot::Meta> {
         let (last_applied, membership) = self.applied()?;
-        let meta = snapshot::Meta {
+        Ok(snapshot::Meta {
             last_log_id: last_applied,
             last_membership: membership,
             snapshot_id: match last_applied {
                 Some(l) => format!("{}-{}-{}", self.shard, l.leader_id.term, l.index),
                 None => format!("{}-empty", self.shard),
             },
-        };
+        })
+    }
+
+    /// A checkpoint: the tree itself is the snapshot once it is on disk, so
+    /// "building" one is an fsync and a note of how far it reaches. Only a
+    /// follower that needs a snapshot gets the tree written out as a file.
+    async fn checkpoint(&self) -> StorageResult<snapshot::Meta> {
+        self.flusher.sync().await.map_err(sm_err)?;
+        let meta = self.meta_now()?;
+        let path = self.checkpoint_path();
+        let bytes = encode(&meta);
+        tokio::task::spawn_blocking(move || snapshot::write_small(&path, &bytes))
+            .await
+            .map_err(sm_err)?
+            .map_err(sm_err)?;
+        Ok(meta)
+    }
+
+    /// Writes the state as it is now to the shard's snapshot file. Runs
+    /// while openraft holds the state machine, so no entry is applied
+    /// meanwhile and the file is one consistent point of the log.
+    async fn write_snapshot(&self) -> StorageResult<snapshot::Meta> {
+        self.flusher.sync().await.map_err(sm_err)?;
+        let meta = self.meta_now()?;
         let (tree, path, m) = (self.state.tree.clone(), self.current_path(), meta.clone());
         tokio::task::spawn_blocking(move || {
             let pairs = tree
@@ -118,7 +145,9 @@ impl StateMachine {
     }
 }
 
-/// Hands openraft the snapshot file written when it asked for a builder.
+/// Hands openraft the checkpoint taken when it asked for a builder.
+/// openraft keeps only the meta of a snapshot it built; the data handle is
+/// the checkpoint file and is never sent.
 pub struct Builder {
     path: PathBuf,
     written: Result<snapshot::Meta, String>,
@@ -186,8 +215,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         Builder {
-            path: self.current_path(),
-            written: self.write_snapshot().await.map_err(|e| e.to_string()),
+            path: self.checkpoint_path(),
+            written: self.checkpoint().await.map_err(|e| e.to_string()),
         }
     }
 
@@ -247,6 +276,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(path) = self.receiving.take() {
             std::fs::rename(&path, self.current_path()).map_err(sm_err)?;
         }
+        self.checkpoint().await?;
         tracing::info!(
             shard = %self.shard,
             upto = ?meta.last_log_id,
@@ -260,12 +290,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let path = self.current_path();
-        if !path.exists() {
+        if !std::mem::replace(&mut self.started, true) {
+            // Start-up only wants to know how far the last checkpoint reaches.
+            let path = self.checkpoint_path();
+            if !path.exists() {
+                return Ok(None);
+            }
+            let meta: snapshot::Meta =
+                decode(&std::fs::read(&path).map_err(sm_err)?).map_err(sm_err)?;
+            let file = tokio::fs::File::open(&path).await.map_err(sm_err)?;
+            return Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(file),
+            }));
+        }
+        // A follower needs the state: write it out as it is now, which is
+        // at least as far as any checkpoint the log was purged behind.
+        if self.applied()?.0.is_none() {
             return Ok(None);
         }
-        let meta = snapshot::read_meta(&path).map_err(sm_err)?;
-        let file = tokio::fs::File::open(&path).await.map_err(sm_err)?;
+        let meta = self.write_snapshot().await?;
+        let file = tokio::fs::File::open(self.current_path())
+            .await
+            .map_err(sm_err)?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(file),
