@@ -51,15 +51,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
     let (named_tx, named_rx) = mpsc::unbounded_channel();
-    let snapshots = cfg.data_dir.join("snapshots");
-    std::fs::create_dir_all(&snapshots)?;
     let host = Arc::new(
         ShardHost::start(
             cfg.node_id,
             &cfg.cluster,
             &cfg.raft,
             &db,
-            &snapshots,
+            &cfg.data_dir,
             pool,
             named_tx,
         )

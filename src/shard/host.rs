@@ -10,6 +10,7 @@ use super::command::{decode, encode, Command, Query, Reply, ShardError};
 use super::log_store::{Flusher, LogStore};
 use super::network::Network;
 use super::read_gate::ReadGate;
+use super::segment_log::SegmentLog;
 use super::state::State;
 use super::state_machine::StateMachine;
 use super::Raft;
@@ -56,12 +57,13 @@ enum Call<'a> {
 
 impl ShardHost {
     /// Opens (or creates) every replica this node holds and starts its Raft.
+    /// `data_dir` holds the segment log (`raftlog/`) and snapshot files.
     pub async fn start(
         id: NodeId,
         spec: &ClusterSpec,
         tuning: &RaftTuning,
         db: &sled::Db,
-        snapshots: &std::path::Path,
+        data_dir: &std::path::Path,
         pool: Arc<Pool>,
         chunk_refs: super::state_machine::ChunkRefs,
     ) -> anyhow::Result<ShardHost> {
@@ -79,23 +81,26 @@ impl ShardHost {
             }
             .validate()?,
         );
-        let flusher = Flusher::start(db.clone());
+        let log = Arc::new(SegmentLog::open(&data_dir.join("raftlog"))?);
+        let snapshots = data_dir.join("snapshots");
+        std::fs::create_dir_all(&snapshots)?;
+        let flusher = Flusher::start(db.clone(), log.clone());
         let mut replicas = HashMap::new();
         for shard in layout.shards_of(id) {
-            let log = LogStore::open(db, shard, flusher.clone())?;
+            let log_store = LogStore::open(db, log.clone(), shard, flusher.clone())?;
             let state = State::new(db.open_tree(format!("sm/{shard}"))?);
             let sm = StateMachine::new(
                 shard,
                 state.clone(),
                 flusher.clone(),
                 chunk_refs.clone(),
-                snapshots.to_path_buf(),
+                snapshots.clone(),
             );
             let network = Network {
                 shard,
                 pool: pool.clone(),
             };
-            let raft = Raft::new(id, config.clone(), network, log, sm).await?;
+            let raft = Raft::new(id, config.clone(), network, log_store, sm).await?;
             replicas.insert(
                 shard,
                 Replica {

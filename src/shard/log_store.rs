@@ -1,43 +1,47 @@
-//! The Raft log and vote of one shard, kept in the node's sled database.
+//! The Raft log and vote of one shard.
 //!
-//! Appends go into the shard's `log/<shard>` tree at once, but openraft is
-//! told they are durable only after the node's [`Flusher`] has fsynced the
-//! database. The flusher batches: one fsync covers every append and vote
-//! that arrived from any shard while the previous fsync ran (group commit).
-//!
-//! Each entry is stored as `blake3(msgpack) ++ msgpack`, and the hash is
-//! checked on every read, so a corrupt log is detected, never replayed.
+//! Entries go to the node's shared [`SegmentLog`]; the vote, the purge point
+//! and the committed id go to the shard's `vote/<shard>` sled tree. openraft
+//! is told an append is durable only after the node's [`Flusher`] has
+//! fsynced the segment: one fsync covers every append that arrived from any
+//! shard while the previous fsync ran (group commit). Entries carry a BLAKE3
+//! checksum that is checked on every read, so a corrupt log is detected,
+//! never replayed.
 
 // openraft's trait methods return its large StorageError; ours match them.
 #![allow(clippy::result_large_err)]
 
+use super::segment_log::SegmentLog;
 use super::TypeConfig;
 use crate::types::{NodeId, ShardId};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-/// Someone waiting for the next fsync of the database.
+/// Someone waiting for the next fsync.
 enum Waiter {
+    /// An append: needs the segment log on disk.
     Log(LogFlushed<TypeConfig>),
+    /// A vote, purge, checkpoint or install: needs sled on disk too.
     Notify(oneshot::Sender<std::io::Result<()>>),
 }
 
-/// The node's group-commit fsync loop: one thread that fsyncs the database
-/// for everyone who asked while the previous fsync ran. (sled's own
-/// `flush_async` wakes its whole thread pool on every call.)
+/// The node's group-commit fsync loop: one thread that fsyncs for everyone
+/// who asked while the previous fsync ran. (sled's own `flush_async` wakes
+/// its whole thread pool on every call.)
 #[derive(Clone)]
 pub struct Flusher {
     tx: std::sync::mpsc::Sender<Waiter>,
 }
 
 impl Flusher {
-    /// Starts the loop for `db`; it ends when every handle is dropped.
-    pub fn start(db: sled::Db) -> Flusher {
+    /// Starts the loop; it ends when every handle is dropped.
+    pub fn start(db: sled::Db, log: Arc<SegmentLog>) -> Flusher {
         let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
         std::thread::Builder::new()
             .name("lumbung-fsync".into())
@@ -45,12 +49,15 @@ impl Flusher {
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
-                    let result = db.flush().map(|_| ());
+                    let mut result = log.sync();
+                    if result.is_ok() && waiters.iter().any(|w| matches!(w, Waiter::Notify(_))) {
+                        result = db.flush().map(|_| ()).map_err(std::io::Error::other);
+                    }
                     for w in waiters {
-                        let r = result
-                            .as_ref()
-                            .map(|_| ())
-                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        let r = match &result {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                        };
                         match w {
                             Waiter::Log(cb) => cb.log_io_completed(r),
                             Waiter::Notify(tx) => {
@@ -64,7 +71,7 @@ impl Flusher {
         Flusher { tx }
     }
 
-    /// Waits until everything written so far is on disk.
+    /// Waits until everything written so far, log and sled, is on disk.
     pub async fn sync(&self) -> std::io::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -84,7 +91,8 @@ impl Flusher {
 /// One shard's log and vote.
 #[derive(Clone)]
 pub struct LogStore {
-    log: sled::Tree,
+    shard: ShardId,
+    log: Arc<SegmentLog>,
     /// Vote, last purged log id and committed log id.
     vote: sled::Tree,
     flusher: Flusher,
@@ -106,29 +114,28 @@ fn vote_err(e: impl ToString) -> StorageError<NodeId> {
     StorageIOError::write_vote(AnyError::error(e.to_string())).into()
 }
 
-/// Encodes an entry with its BLAKE3 checksum in front.
-fn seal(entry: &Entry<TypeConfig>) -> Vec<u8> {
-    let body = rmp_serde::to_vec_named(entry).expect("entries serialize");
-    let mut out = blake3::hash(&body).as_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
-}
-
-/// Decodes an entry, refusing it if the checksum does not match.
-fn unseal(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
-    if bytes.len() < 32 || blake3::hash(&bytes[32..]).as_bytes() != &bytes[..32] {
-        return Err(read_err("log entry checksum mismatch: the log is corrupt"));
-    }
-    rmp_serde::from_slice(&bytes[32..]).map_err(read_err)
+fn decode_entry(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
+    rmp_serde::from_slice(bytes).map_err(read_err)
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db, shard: ShardId, flusher: Flusher) -> sled::Result<LogStore> {
-        Ok(LogStore {
-            log: db.open_tree(format!("log/{shard}"))?,
+    pub fn open(
+        db: &sled::Db,
+        log: Arc<SegmentLog>,
+        shard: ShardId,
+        flusher: Flusher,
+    ) -> anyhow::Result<LogStore> {
+        let store = LogStore {
+            shard,
+            log,
             vote: db.open_tree(format!("vote/{shard}"))?,
             flusher,
-        })
+        };
+        // Entries up to the purge point may still sit in older segments.
+        if let Some(purged) = store.purged()? {
+            store.log.purge(shard, purged.index)?;
+        }
+        Ok(store)
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> StorageResult<Option<T>> {
@@ -137,6 +144,10 @@ impl LogStore {
             None => Ok(None),
         }
     }
+
+    fn purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
+        self.read_meta(PURGED)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -144,21 +155,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        let start = match range.start_bound() {
-            std::ops::Bound::Included(i) => *i,
-            std::ops::Bound::Excluded(i) => i + 1,
-            std::ops::Bound::Unbounded => 0,
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        for kv in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = kv.map_err(read_err)?;
-            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(read_err)?);
-            if !range.contains(&index) {
-                break;
-            }
-            out.push(unseal(&v)?);
-        }
-        Ok(out)
+        let to = match range.end_bound() {
+            Bound::Included(i) => i + 1,
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let payloads = self.log.read(self.shard, from, to).map_err(read_err)?;
+        payloads.iter().map(|p| decode_entry(p)).collect()
     }
 }
 
@@ -166,9 +174,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged: Option<LogId<NodeId>> = self.read_meta(PURGED)?;
-        let last = match self.log.last().map_err(read_err)? {
-            Some((_, v)) => Some(unseal(&v)?.log_id),
+        let last_purged = self.purged()?;
+        let last = match self.log.last(self.shard).map_err(read_err)? {
+            Some(p) => Some(decode_entry(&p)?.log_id),
             None => last_purged,
         };
         Ok(LogState {
@@ -193,7 +201,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        // Durability comes with the next fsync; losing it only costs a replay.
+        // Durability comes with a later fsync; losing it only costs a replay.
         self.vote
             .insert(COMMITTED, rmp_serde::to_vec(&committed).map_err(write_err)?)
             .map_err(write_err)?;
@@ -211,33 +219,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&entry.log_id.index.to_be_bytes(), seal(&entry));
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
+        let encoded: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| {
+                let bytes = rmp_serde::to_vec_named(&e).expect("entries serialize");
+                (e.log_id.index, bytes)
+            })
+            .collect();
+        self.log.append(self.shard, &encoded).map_err(write_err)?;
         self.flusher.after_next_sync(callback);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(log_id.index.to_be_bytes()..) {
-            batch.remove(kv.map_err(write_err)?.0);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
+        self.log
+            .truncate(self.shard, log_id.index)
+            .map_err(write_err)?;
         self.flusher.sync().await.map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // The purge point is durable before any segment is deleted.
         self.vote
             .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
             .map_err(write_err)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=log_id.index.to_be_bytes()) {
-            batch.remove(kv.map_err(write_err)?.0);
-        }
-        self.log.apply_batch(batch).map_err(write_err)?;
-        Ok(())
+        self.flusher.sync().await.map_err(write_err)?;
+        self.log.purge(self.shard, log_id.index).map_err(write_err)
     }
 }

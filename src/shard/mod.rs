@@ -13,15 +13,17 @@
 //! it sees every write acknowledged before it began, whichever gateway or
 //! node took that write.
 //!
-//! All shards of a node share one sled database (trees `log/<shard>`,
-//! `vote/<shard>`, `sm/<shard>`) and one fsync loop, so a burst of small
-//! writes to many shards costs one fsync, not one per shard.
+//! All shards of a node share one segment log (their Raft entries), one
+//! sled database (trees `vote/<shard>` and `sm/<shard>`) and one fsync loop,
+//! so a burst of small writes to many shards costs one fsync, not one per
+//! shard.
 
 pub mod command;
 pub mod host;
 pub mod log_store;
 pub mod network;
 pub mod read_gate;
+pub mod segment_log;
 pub mod snapshot;
 pub mod state;
 pub mod state_machine;
