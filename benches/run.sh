@@ -53,5 +53,24 @@ run() {
   rss
 }
 
+# Memory of one 5 GiB upload, on the fresh cluster: peak minus before.
+before=(); for p in "${pids[@]}"; do before+=("$(awk '/VmRSS/ {print $2}' /proc/$p/status)"); done
+echo "== head -c 5GiB /dev/urandom | aws s3 cp - s3://\$S3_BUCKET/five-gib (multipart, streamed)"
+start=$(date +%s)
+head -c 5368709120 /dev/urandom |
+  AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY AWS_DEFAULT_REGION=$S3_REGION \
+  aws --endpoint-url "$S3_ENDPOINT" --ca-bundle "$S3_CA_CERT" s3 cp - "s3://$S3_BUCKET/five-gib" \
+    --expected-size 5368709120 --only-show-errors
+echo "uploaded 5 GiB in $(( $(date +%s) - start )) s"
+names=(node1 node2 node3 gateway); i=0
+for p in "${pids[@]}"; do
+  peak=$(awk '/VmHWM/ {print $2}' /proc/$p/status)
+  printf '%s: rss before %s kB, peak %s kB, added %s MiB\n' "${names[$i]}" "${before[$i]}" "$peak" $(( (peak - before[i]) / 1024 ))
+  i=$((i + 1))
+done
+
 run --size 4KiB --concurrency 64 --seconds "$secs"
 run --size 64MiB --concurrency 4 --seconds "$secs"
+
+# Memory after many small objects (about 100,000 at the rate above).
+run --size 4KiB --concurrency 64 --seconds "${SMALL_OBJECT_SECONDS:-70}" --op put

@@ -263,8 +263,19 @@ impl S3Front {
         let quiet = input.delete.quiet.unwrap_or(false);
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
-        for obj in input.delete.objects {
-            match self.delete_one(&tenant, &input.bucket, &obj.key).await {
+        // A few at a time: each is one replicated write.
+        let bucket = &input.bucket;
+        let tenant = &tenant;
+        let outcomes: Vec<_> = futures::stream::iter(input.delete.objects)
+            .map(|obj| async move {
+                let r = self.delete_one(tenant, bucket, &obj.key).await;
+                (obj, r)
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        for (obj, outcome) in outcomes {
+            match outcome {
                 Ok(()) => {
                     if !quiet {
                         deleted.push(DeletedObject {
