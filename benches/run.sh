@@ -69,8 +69,8 @@ for p in "${pids[@]}"; do
   i=$((i + 1))
 done
 
+# Memory after storing about 100,000 small objects.
+run --size 4KiB --concurrency 64 --seconds "${SMALL_OBJECT_SECONDS:-70}" --op put
+
 run --size 4KiB --concurrency 64 --seconds "$secs"
 run --size 64MiB --concurrency 4 --seconds "$secs"
-
-# Memory after many small objects (about 100,000 at the rate above).
-run --size 4KiB --concurrency 64 --seconds "${SMALL_OBJECT_SECONDS:-70}" --op put
