@@ -26,6 +26,7 @@ async fn buckets_objects_lists_and_multipart_behave_like_s3() {
     multipart_uploads(&c).await;
     copies_and_batch_deletes(&c).await;
     bad_requests_change_nothing(&c, &cluster.env).await;
+    presigned_urls_work_and_expire(&c, &cluster.env).await;
 
     cluster.stop().await;
 }
@@ -545,4 +546,60 @@ async fn bad_requests_change_nothing(c: &aws_sdk_s3::Client, env: &lumbung::admi
             .unwrap_err();
         assert_eq!(status(&e), 404, "{key} must not exist");
     }
+}
+
+/// `curl` with the cluster CA: a client that knows nothing of SigV4.
+fn curl(env: &lumbung::admin::S3Env, args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&env.ca_cert)
+        .args(args)
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn presigned_urls_work_and_expire(c: &aws_sdk_s3::Client, env: &lumbung::admin::S3Env) {
+    use aws_sdk_s3::presigning::PresigningConfig;
+    use std::time::Duration;
+    let hour = PresigningConfig::expires_in(Duration::from_secs(3600)).unwrap();
+    let put = c
+        .put_object()
+        .bucket("demo")
+        .key("presigned")
+        .presigned(hour.clone())
+        .await
+        .unwrap();
+    let body = std::env::temp_dir().join(format!("lumbung-presign-{}", std::process::id()));
+    std::fs::write(&body, b"sent without credentials").unwrap();
+    let status = curl(env, &["-X", "PUT", "-T", body.to_str().unwrap(), put.uri()]);
+    assert_eq!(status, "200", "presigned PUT");
+    let get = c
+        .get_object()
+        .bucket("demo")
+        .key("presigned")
+        .presigned(hour)
+        .await
+        .unwrap();
+    assert_eq!(curl(env, &[get.uri()]), "200", "presigned GET");
+    let got = c
+        .get_object()
+        .bucket("demo")
+        .key("presigned")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body(got).await, b"sent without credentials");
+
+    let short = PresigningConfig::expires_in(Duration::from_secs(1)).unwrap();
+    let stale = c
+        .get_object()
+        .bucket("demo")
+        .key("presigned")
+        .presigned(short)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(curl(env, &[stale.uri()]), "403", "expired presigned GET");
+    let _ = std::fs::remove_file(body);
 }
