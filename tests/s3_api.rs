@@ -570,9 +570,9 @@ async fn presigned_urls_work_and_expire(c: &aws_sdk_s3::Client, env: &lumbung::a
         .presigned(hour.clone())
         .await
         .unwrap();
-    let body = std::env::temp_dir().join(format!("lumbung-presign-{}", std::process::id()));
-    std::fs::write(&body, b"sent without credentials").unwrap();
-    let status = curl(env, &["-X", "PUT", "-T", body.to_str().unwrap(), put.uri()]);
+    let file = std::env::temp_dir().join(format!("lumbung-presign-{}", std::process::id()));
+    std::fs::write(&file, b"sent without credentials").unwrap();
+    let status = curl(env, &["-X", "PUT", "-T", file.to_str().unwrap(), put.uri()]);
     assert_eq!(status, "200", "presigned PUT");
     let get = c
         .get_object()
@@ -601,5 +601,5 @@ async fn presigned_urls_work_and_expire(c: &aws_sdk_s3::Client, env: &lumbung::a
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(curl(env, &[stale.uri()]), "403", "expired presigned GET");
-    let _ = std::fs::remove_file(body);
+    let _ = std::fs::remove_file(file);
 }
