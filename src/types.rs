@@ -48,16 +48,6 @@ impl fmt::Debug for ChunkId {
     }
 }
 
-/// The name of a tenant; every bucket and key belongs to exactly one.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct TenantId(pub String);
-
-impl fmt::Display for TenantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// Milliseconds since the Unix epoch, as stamped by the coordinating node.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

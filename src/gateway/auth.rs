@@ -3,7 +3,6 @@
 
 use super::router::NodeRouter;
 use crate::rpc::pb;
-use s3s::auth::{S3Auth, SecretKey};
 use s3s::{s3_error, S3Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -82,12 +81,5 @@ impl KeyCache {
                 .map(|s| s.message().to_string())
                 .unwrap_or_default()
         ))
-    }
-}
-
-#[async_trait::async_trait]
-impl S3Auth for KeyCache {
-    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        Ok(SecretKey::from(self.lookup(access_key).await?.secret))
     }
 }

@@ -107,6 +107,8 @@ struct KeyCacheAuth(Arc<auth::KeyCache>);
 #[async_trait::async_trait]
 impl s3s::auth::S3Auth for KeyCacheAuth {
     async fn get_secret_key(&self, access_key: &str) -> s3s::S3Result<s3s::auth::SecretKey> {
-        s3s::auth::S3Auth::get_secret_key(&*self.0, access_key).await
+        Ok(s3s::auth::SecretKey::from(
+            self.0.lookup(access_key).await?.secret,
+        ))
     }
 }

@@ -22,6 +22,14 @@ pub struct Chunks {
 }
 
 impl Chunks {
+    fn client_for(&self, node: u64) -> Result<crate::rpc::NodeClient, ShardError> {
+        let addr = self
+            .host
+            .addr_of(node)
+            .ok_or_else(|| ShardError::Internal(format!("unknown node {node}")))?;
+        self.host.pool().client(addr)
+    }
+
     /// Writes `data` to every replica of its shard; returns once a majority
     /// has it on disk. Slower replicas finish in the background.
     pub async fn replicate(&self, data: Bytes) -> Result<ChunkSpan, ShardError> {
@@ -71,11 +79,7 @@ impl Chunks {
                 .await
                 .map_err(|e| ShardError::Unavailable(e.to_string()));
         }
-        let addr = self
-            .host
-            .addr_of(node)
-            .ok_or_else(|| ShardError::Internal(format!("unknown node {node}")))?;
-        let mut client = self.host.pool().client(addr)?;
+        let mut client = self.client_for(node)?;
         let msg = pb::Chunk {
             id: Bytes::copy_from_slice(&id.0),
             data,
@@ -138,11 +142,7 @@ impl Chunks {
                 .await
                 .map_err(|e| ShardError::Unavailable(e.to_string()));
         }
-        let addr = self
-            .host
-            .addr_of(node)
-            .ok_or_else(|| ShardError::Internal(format!("unknown node {node}")))?;
-        let mut client = self.host.pool().client(addr)?;
+        let mut client = self.client_for(node)?;
         let reply = tokio::time::timeout(
             Duration::from_secs(30),
             client.get_chunk(pb::ChunkRef {

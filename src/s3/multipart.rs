@@ -1,7 +1,7 @@
 //! Multipart uploads: Create, UploadPart, UploadPartCopy, Complete, Abort,
 //! ListParts, ListMultipartUploads.
 
-use super::put::Announced;
+use super::put::{trailer_of, Announced};
 use super::{etag, timestamp, S3Front};
 use crate::rpc::pb;
 use s3s::dto::*;
@@ -70,11 +70,7 @@ impl S3Front {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let tenant = self.tenant(&req).await?;
-        let trailer = req
-            .headers
-            .get("x-amz-trailer")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let trailer = trailer_of(&req.headers);
         let i = req.input;
         let header = pb::PutHeader {
             tenant,

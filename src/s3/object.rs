@@ -1,6 +1,6 @@
 //! PutObject, GetObject, HeadObject, DeleteObject(s), CopyObject.
 
-use super::put::Announced;
+use super::put::{trailer_of, Announced};
 use super::{etag, s3_error_of, timestamp, S3Front};
 use crate::rpc::pb;
 use futures::StreamExt;
@@ -77,11 +77,7 @@ impl S3Front {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let tenant = self.tenant(&req).await?;
-        let trailer = req
-            .headers
-            .get("x-amz-trailer")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let trailer = trailer_of(&req.headers);
         let input = req.input;
         let header = pb::PutHeader {
             tenant,

@@ -32,6 +32,14 @@ pub(super) struct Announced {
     pub trailer: Option<String>,
 }
 
+/// The `x-amz-trailer` header of a request, naming a trailing checksum.
+pub(super) fn trailer_of(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("x-amz-trailer")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 impl Announced {
     fn hasher(&self) -> ChecksumHasher {
         let mut h = ChecksumHasher::default();
