@@ -81,6 +81,36 @@ enum AdminCommand {
     },
     /// Nodes, their health, shards with leader and replicas, bytes stored.
     Status,
+    /// Tenants: the companies whose data the cluster holds.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Access keys: each signs S3 requests for one tenant.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant (1 to 63 lowercase letters, digits or dashes).
+    Create { name: String },
+    /// List every tenant.
+    List,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an access key; its secret is printed this once.
+    Create {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List a tenant's access key ids.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke an access key; gateways stop accepting it within seconds.
+    Revoke { id: String },
 }
 
 fn init_logging() {
@@ -166,13 +196,87 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
             }
         }
         AdminCommand::Status => {
-            let path = config.context("--config ADMIN.toml is required")?;
-            let cfg: AdminConfig = config::load(&path)?;
+            let cfg = admin_config(config)?;
             let view = admin::status::collect(&cfg).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print!("{}", admin::status::render(&view));
+            }
+        }
+        AdminCommand::Tenant(cmd) => tenant(&admin_config(config)?, json, cmd).await?,
+        AdminCommand::Key(cmd) => key(&admin_config(config)?, json, cmd).await?,
+    }
+    Ok(())
+}
+
+fn admin_config(path: Option<PathBuf>) -> anyhow::Result<AdminConfig> {
+    let path = path.context("--config ADMIN.toml is required")?;
+    config::load(&path)
+}
+
+async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Result<()> {
+    use admin::tenants;
+    match cmd {
+        TenantCommand::Create { name } => {
+            tenants::create_tenant(cfg, &name).await?;
+            if json {
+                println!("{}", serde_json::json!({ "tenant": name }));
+            } else {
+                println!("created tenant {name}");
+            }
+        }
+        TenantCommand::List => {
+            let list = tenants::list_tenants(cfg).await?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|t| serde_json::json!({ "name": t.name, "created_ms": t.created_ms }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for t in list {
+                    println!("{}", t.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn key(cfg: &AdminConfig, json: bool, cmd: KeyCommand) -> anyhow::Result<()> {
+    use admin::tenants;
+    match cmd {
+        KeyCommand::Create { tenant } => {
+            let k = tenants::create_key(cfg, &tenant).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "tenant": k.tenant, "access_key": k.access_key, "secret_key": k.secret_key })
+                );
+            } else {
+                println!(
+                    "access key {}\nsecret key {}\n(the secret is shown only now)",
+                    k.access_key, k.secret_key
+                );
+            }
+        }
+        KeyCommand::List { tenant } => {
+            let keys = tenants::list_keys(cfg, &tenant).await?;
+            if json {
+                println!("{}", serde_json::json!(keys));
+            } else {
+                for k in keys {
+                    println!("{k}");
+                }
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            tenants::revoke_key(cfg, &id).await?;
+            if json {
+                println!("{}", serde_json::json!({ "revoked": id }));
+            } else {
+                println!("revoked {id}");
             }
         }
     }

@@ -44,6 +44,14 @@ dev_pid=$!
 for _ in $(seq 1 180); do [ -s "$work/s3.env" ] && break; sleep 0.5; done
 accept_rc=1; accept_passed=0; accept_failed=1
 if [ -s "$work/s3.env" ]; then
+  # A second tenant, so the isolation scenario has someone to be kept from.
+  lb_admin=("$root/target/debug/lumbung" admin --config "$work/data/admin.toml")
+  "${lb_admin[@]}" tenant create other >/dev/null
+  "${lb_admin[@]}" key create --tenant other --json | python3 -c '
+import json, sys
+k = json.load(sys.stdin)
+print("S3_ACCESS_KEY_ALT=" + k["access_key"])
+print("S3_SECRET_KEY_ALT=" + k["secret_key"])' >> "$work/s3.env"
   HARNESS_TMP="$work" HARNESS_LOGDIR="$work/logs" bash tests/acceptance/clients/run.sh "$work/s3.env" | tee "$work/accept.out"
   accept_rc=${PIPESTATUS[0]}
   last=$(tail -n 1 "$work/accept.out")

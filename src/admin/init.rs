@@ -7,7 +7,6 @@ use crate::config::{
 };
 use crate::tls::{write_pem, Authority, Role};
 use anyhow::{bail, Context};
-use rand::distributions::{Alphanumeric, DistString};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -140,15 +139,11 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         replication: opts.replication,
         nodes: nodes.clone(),
     };
+    let (access_key, secret_key) = crate::node::tenants::new_access_key();
     let bootstrap = Bootstrap {
         tenant: "demo".into(),
-        access_key: format!(
-            "LK{}",
-            Alphanumeric
-                .sample_string(&mut rand::thread_rng(), 18)
-                .to_uppercase()
-        ),
-        secret_key: Alphanumeric.sample_string(&mut rand::thread_rng(), 40),
+        access_key,
+        secret_key,
         bucket: "demo".into(),
     };
 

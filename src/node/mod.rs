@@ -5,6 +5,7 @@
 pub mod chunks;
 pub mod objects;
 pub mod service;
+pub mod tenants;
 
 use crate::chunk::ChunkStore;
 use crate::config::{Bootstrap, NodeConfig};

@@ -486,6 +486,61 @@ impl Node for NodeService {
         })
     }
 
+    async fn create_tenant(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects
+            .create_tenant(&r.tenant)
+            .await
+            .map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn list_tenants(&self, _req: Request<pb::Empty>) -> Rpc<pb::TenantList> {
+        let tenants = self.objects.list_tenants().await.map_err(status_of)?;
+        ok(pb::TenantList {
+            tenants: tenants
+                .into_iter()
+                .map(|(name, created_ms)| pb::TenantEntry { name, created_ms })
+                .collect(),
+        })
+    }
+
+    async fn create_access_key(
+        &self,
+        req: Request<pb::TenantRequest>,
+    ) -> Rpc<pb::AccessKeyCreated> {
+        let r = req.into_inner();
+        let (access_key, secret_key) = self
+            .objects
+            .create_access_key(&r.tenant)
+            .await
+            .map_err(status_of)?;
+        ok(pb::AccessKeyCreated {
+            tenant: r.tenant,
+            access_key,
+            secret_key,
+        })
+    }
+
+    async fn list_access_keys(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::AccessKeyList> {
+        let r = req.into_inner();
+        let access_keys = self
+            .objects
+            .list_access_keys(&r.tenant)
+            .await
+            .map_err(status_of)?;
+        ok(pb::AccessKeyList { access_keys })
+    }
+
+    async fn revoke_access_key(&self, req: Request<pb::AccessKeyRequest>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        self.objects
+            .revoke_access_key(&r.access_key)
+            .await
+            .map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
     async fn status(&self, _req: Request<pb::Empty>) -> Rpc<pb::NodeStatus> {
         let host = &self.objects.chunks.host;
         let (chunk_bytes, chunk_count) = self.objects.chunks.store.totals();

@@ -68,8 +68,12 @@ pub struct AccessKey {
 pub enum Command {
     /// Meta shard: create a tenant if it does not exist.
     PutTenant { tenant: String, created_ms: i64 },
+    /// Meta shard: create a tenant; fails with TenantExists if it does.
+    CreateTenant { tenant: String, created_ms: i64 },
     /// Meta shard: store an access key for a tenant.
     PutAccessKey { access_key: String, key: AccessKey },
+    /// Meta shard: revoke an access key; fails with NoSuchAccessKey.
+    RevokeAccessKey { access_key: String },
     /// Meta shard: add a bucket to its tenant's catalogue.
     AddBucket {
         tenant: String,
@@ -133,6 +137,12 @@ pub enum Query {
     AccessKey {
         access_key: String,
     },
+    /// Meta shard: every tenant with its creation time.
+    Tenants,
+    /// Meta shard: the access key ids of one tenant.
+    AccessKeys {
+        tenant: String,
+    },
     Buckets {
         tenant: String,
     },
@@ -192,6 +202,8 @@ pub enum Value {
     Done,
     AccessKey(Option<AccessKey>),
     Buckets(Vec<(String, i64)>),
+    Tenants(Vec<(String, i64)>),
+    AccessKeys(Vec<String>),
     Exists(bool),
     Object(Option<Manifest>),
     List(ListPage),
@@ -219,6 +231,12 @@ pub enum ShardError {
     BucketNotEmpty,
     #[error("the bucket already exists")]
     BucketExists,
+    #[error("the tenant already exists")]
+    TenantExists,
+    #[error("the tenant does not exist")]
+    NoSuchTenant,
+    #[error("the access key does not exist")]
+    NoSuchAccessKey,
     #[error("the upload does not exist")]
     NoSuchUpload,
     #[error("{0}")]

@@ -146,6 +146,20 @@ impl State {
                     batch.insert(k, encode(created_ms));
                 }
             }
+            Command::CreateTenant { tenant, created_ms } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                if self.exists(&k)? {
+                    return Err(ShardError::TenantExists);
+                }
+                batch.insert(k, encode(created_ms));
+            }
+            Command::RevokeAccessKey { access_key } => {
+                let k = key(tag::ACCESS_KEY, &[access_key.as_bytes()]);
+                if !self.exists(&k)? {
+                    return Err(ShardError::NoSuchAccessKey);
+                }
+                batch.remove(k);
+            }
             Command::PutAccessKey {
                 access_key,
                 key: ak,
@@ -354,6 +368,25 @@ impl State {
             Query::AccessKey { access_key } => Ok(Value::AccessKey(
                 self.get(&key(tag::ACCESS_KEY, &[access_key.as_bytes()]))?,
             )),
+            Query::Tenants => {
+                let mut out = Vec::new();
+                for kv in self.tree.scan_prefix([tag::TENANT]) {
+                    let (k, v) = kv.map_err(io)?;
+                    out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
+                }
+                Ok(Value::Tenants(out))
+            }
+            Query::AccessKeys { tenant } => {
+                let mut out = Vec::new();
+                for kv in self.tree.scan_prefix([tag::ACCESS_KEY]) {
+                    let (k, v) = kv.map_err(io)?;
+                    let ak: AccessKey = decode(&v)?;
+                    if ak.tenant == *tenant {
+                        out.push(String::from_utf8_lossy(&k[1..]).into_owned());
+                    }
+                }
+                Ok(Value::AccessKeys(out))
+            }
             Query::Buckets { tenant } => {
                 let mut prefix = key(tag::BUCKET, &[tenant.as_bytes()]);
                 prefix.push(0);
