@@ -12,10 +12,12 @@ impl S3Front {
     ) -> S3Result<S3Response<ListBucketsOutput>> {
         let tenant = self.tenant(&req).await?;
         let list = self
-            .call(|mut c| {
-                let tenant = tenant.clone();
-                async move { c.list_buckets(pb::TenantRequest { tenant }).await }
-            })
+            .call(
+                pb::TenantRequest {
+                    tenant: tenant.clone(),
+                },
+                |mut c, r| async move { c.list_buckets(r).await },
+            )
             .await?;
         let buckets = list
             .buckets
@@ -41,17 +43,9 @@ impl S3Front {
         F: Fn(crate::rpc::NodeClient, pb::BucketRequest) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<pb::Empty>, tonic::Status>>,
     {
-        self.call(|c| {
-            f(
-                c,
-                pb::BucketRequest {
-                    tenant: tenant.clone(),
-                    bucket: bucket.clone(),
-                },
-            )
-        })
-        .await
-        .map(|_| ())
+        self.call(pb::BucketRequest { tenant, bucket }, f)
+            .await
+            .map(|_| ())
     }
 
     pub(super) async fn op_create_bucket(

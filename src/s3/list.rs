@@ -92,10 +92,7 @@ impl S3Front {
             max_keys: max_keys as u32,
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.list_objects(request).await }
-            })
+            .call(request, |mut c, r| async move { c.list_objects(r).await })
             .await?;
         Ok(Page { reply, max_keys })
     }

@@ -44,17 +44,18 @@ impl S3Front {
         self.router.pick()
     }
 
-    /// Runs a unary RPC on a node, retrying once on another node when the
-    /// first could not be reached (nothing was done there).
-    async fn call<T, F, Fut>(&self, f: F) -> S3Result<T>
+    /// Runs a unary RPC with `request` on a node, retrying on another node
+    /// when the first could not be reached (nothing was done there).
+    async fn call<Req, T, F, Fut>(&self, request: Req, f: F) -> S3Result<T>
     where
-        F: Fn(NodeClient) -> Fut,
+        Req: Clone,
+        F: Fn(NodeClient, Req) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last = None;
         for _ in 0..self.router.len().min(3) {
             let (i, client) = self.node();
-            match f(client).await {
+            match f(client, request.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if is_unreachable(&s) => {
                     self.router.report_failure(i);

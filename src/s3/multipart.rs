@@ -52,10 +52,7 @@ impl S3Front {
             user_metadata: i.metadata.unwrap_or_default().into_iter().collect(),
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.create_upload(request).await }
-            })
+            .call(request, |mut c, r| async move { c.create_upload(r).await })
             .await?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(i.bucket),
@@ -127,10 +124,7 @@ impl S3Front {
             ..Default::default()
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.copy_object(request).await }
-            })
+            .call(request, |mut c, r| async move { c.copy_object(r).await })
             .await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
@@ -173,10 +167,10 @@ impl S3Front {
             parts,
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.complete_upload(request).await }
-            })
+            .call(
+                request,
+                |mut c, r| async move { c.complete_upload(r).await },
+            )
             .await?;
         Ok(S3Response::new(CompleteMultipartUploadOutput {
             location: Some(format!("/{}/{}", i.bucket, i.key)),
@@ -199,11 +193,8 @@ impl S3Front {
             key: i.key,
             upload_id: i.upload_id,
         };
-        self.call(|mut c| {
-            let request = request.clone();
-            async move { c.abort_upload(request).await }
-        })
-        .await?;
+        self.call(request, |mut c, r| async move { c.abort_upload(r).await })
+            .await?;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
 
@@ -223,10 +214,7 @@ impl S3Front {
             max_parts: max_parts as u32,
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.list_parts(request).await }
-            })
+            .call(request, |mut c, r| async move { c.list_parts(r).await })
             .await?;
         let parts = reply
             .parts
@@ -268,10 +256,7 @@ impl S3Front {
             max_uploads: max as u32,
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.list_uploads(request).await }
-            })
+            .call(request, |mut c, r| async move { c.list_uploads(r).await })
             .await?;
         let last = reply.uploads.last().cloned();
         let uploads = reply

@@ -113,11 +113,8 @@ impl S3Front {
             bucket: bucket.to_string(),
             key: key.to_string(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.head_object(req).await }
-        })
-        .await
+        self.call(req, |mut c, r| async move { c.head_object(r).await })
+            .await
     }
 
     pub(super) async fn op_get_object(
@@ -149,10 +146,7 @@ impl S3Front {
             end: range.map(|r| r.1).unwrap_or(0),
         };
         let mut stream = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.get_object(request).await }
-            })
+            .call(request, |mut c, r| async move { c.get_object(r).await })
             .await?;
         let info = match stream.next().await {
             Some(Ok(pb::GetFrame {
@@ -226,12 +220,9 @@ impl S3Front {
             bucket: bucket.to_string(),
             key: key.to_string(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.delete_object(req).await }
-        })
-        .await
-        .map(|_| ())
+        self.call(req, |mut c, r| async move { c.delete_object(r).await })
+            .await
+            .map(|_| ())
     }
 
     pub(super) async fn op_delete_object(
@@ -327,10 +318,7 @@ impl S3Front {
             ..Default::default()
         };
         let reply = self
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.copy_object(request).await }
-            })
+            .call(request, |mut c, r| async move { c.copy_object(r).await })
             .await?;
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
