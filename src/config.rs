@@ -103,9 +103,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
-            heartbeat_ms: 300,
-            election_min_ms: 1500,
-            election_max_ms: 3000,
+            heartbeat_ms: 150,
+            election_min_ms: 750,
+            election_max_ms: 1500,
             snapshot_every: 20_000,
         }
     }
