@@ -8,6 +8,7 @@
 //!   coordinator that chunks bodies and commits manifests.
 //! - [`shard`]: Raft groups (openraft) with their log and state machine.
 //! - [`chunk`]: content-addressed chunk files, verified on every read.
+//! - [`crypto`]: tenant keys, the master keyring, sealing data at rest.
 //! - [`placement`]: which shard holds what, and which nodes hold a shard.
 //! - [`admin`]: cluster creation and status.
 //! - [`rpc`], [`tls`], [`config`]: the wire, certificates and config files.
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod chunk;
 pub mod config;
+pub mod crypto;
 pub mod dev;
 pub mod gateway;
 pub mod node;
