@@ -119,6 +119,10 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// sled database and chunk files live here.
     pub data_dir: PathBuf,
+    /// This node's master keyring (mode 0600; see `crypto::master`). Keep
+    /// it off the data disk where you can: a stolen data disk without it
+    /// reveals nothing.
+    pub master_key_file: PathBuf,
     pub tls: TlsFiles,
     pub cluster: ClusterSpec,
     #[serde(default)]
@@ -193,6 +197,7 @@ impl Relocate for TlsFiles {
 impl Relocate for NodeConfig {
     fn relocate(&mut self, base: &Path) {
         rebase(&mut self.data_dir, base);
+        rebase(&mut self.master_key_file, base);
         self.tls.relocate(base);
     }
 }

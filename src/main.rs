@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use lumbung::admin::tenants::{LimitArg, QuotaSpec};
 use lumbung::admin::{self, InitOptions};
 use lumbung::config::{self, AdminConfig, GatewayConfig, NodeConfig};
 use std::path::PathBuf;
@@ -91,10 +92,29 @@ enum AdminCommand {
 
 #[derive(Subcommand)]
 enum TenantCommand {
-    /// Create a tenant (1 to 63 lowercase letters, digits or dashes).
-    Create { name: String },
+    /// Create a tenant (1 to 63 lowercase letters, digits or dashes) with
+    /// its own data-encryption key.
+    Create {
+        name: String,
+        /// Most bytes the tenant may store (e.g. 500GiB); unlimited if absent.
+        #[arg(long)]
+        quota_bytes: Option<LimitArg>,
+        /// Most objects the tenant may store; unlimited if absent.
+        #[arg(long)]
+        quota_objects: Option<LimitArg>,
+    },
     /// List every tenant.
     List,
+    /// A tenant's usage against its quota, buckets, keys and key generation.
+    Show { name: String },
+    /// Change a tenant's quota; `none` removes a limit, an omitted one stays.
+    SetQuota {
+        name: String,
+        #[arg(long)]
+        bytes: Option<LimitArg>,
+        #[arg(long)]
+        objects: Option<LimitArg>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -218,12 +238,49 @@ fn admin_config(path: Option<PathBuf>) -> anyhow::Result<AdminConfig> {
 async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Result<()> {
     use admin::tenants;
     match cmd {
-        TenantCommand::Create { name } => {
-            tenants::create_tenant(cfg, &name).await?;
+        TenantCommand::Create {
+            name,
+            quota_bytes,
+            quota_objects,
+        } => {
+            let quota = QuotaSpec {
+                bytes: quota_bytes.and_then(|l| l.0),
+                objects: quota_objects.and_then(|l| l.0),
+            };
+            tenants::create_tenant(cfg, &name, quota).await?;
             if json {
                 println!("{}", serde_json::json!({ "tenant": name }));
             } else {
                 println!("created tenant {name}");
+            }
+        }
+        TenantCommand::Show { name } => {
+            let t = tenants::show_tenant(cfg, &name).await?;
+            if json {
+                println!("{}", tenant_json(&t));
+            } else {
+                print_tenant(&t);
+            }
+        }
+        TenantCommand::SetQuota {
+            name,
+            bytes,
+            objects,
+        } => {
+            if bytes.is_none() && objects.is_none() {
+                anyhow::bail!("give --bytes, --objects or both (a limit or `none`)");
+            }
+            let now = tenants::show_tenant(cfg, &name).await?;
+            let quota = QuotaSpec {
+                bytes: bytes.map_or(now.quota_bytes, |l| l.0),
+                objects: objects.map_or(now.quota_objects, |l| l.0),
+            };
+            tenants::set_quota(cfg, &name, quota).await?;
+            let t = tenants::show_tenant(cfg, &name).await?;
+            if json {
+                println!("{}", tenant_json(&t));
+            } else {
+                print_tenant(&t);
             }
         }
         TenantCommand::List => {
@@ -242,6 +299,38 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+fn tenant_json(t: &lumbung::rpc::pb::TenantInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name,
+        "created_ms": t.created_ms,
+        "quota_bytes": t.quota_bytes,
+        "quota_objects": t.quota_objects,
+        "used_bytes": t.used_bytes,
+        "used_objects": t.used_objects,
+        "buckets": t.buckets,
+        "access_keys": t.access_keys,
+        "key_generation": t.key_generation,
+    })
+}
+
+fn print_tenant(t: &lumbung::rpc::pb::TenantInfo) {
+    let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
+    println!("tenant          {}", t.name);
+    println!(
+        "bytes           {} of {}",
+        t.used_bytes,
+        limit(t.quota_bytes)
+    );
+    println!(
+        "objects         {} of {}",
+        t.used_objects,
+        limit(t.quota_objects)
+    );
+    println!("buckets         {}", t.buckets);
+    println!("access keys     {}", t.access_keys);
+    println!("key generation  {}", t.key_generation);
 }
 
 async fn key(cfg: &AdminConfig, json: bool, cmd: KeyCommand) -> anyhow::Result<()> {

@@ -32,7 +32,10 @@ async fn a_restarted_dev_cluster_keeps_objects_and_keys() {
                 again = Some(c);
                 break;
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                eprintln!("restart not yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
         }
     }
     let again = again.expect("dev cluster restarts on the same data dir");

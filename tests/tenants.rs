@@ -15,9 +15,15 @@ async fn tenants_own_their_names_and_revoked_keys_stop_working() {
     let admin: AdminConfig = config::load(&cluster.dir.join("admin.toml")).unwrap();
 
     // Bad input is refused and changes nothing.
-    assert!(tenants::create_tenant(&admin, "Not Valid").await.is_err());
     assert!(
-        tenants::create_tenant(&admin, "demo").await.is_err(),
+        tenants::create_tenant(&admin, "Not Valid", Default::default())
+            .await
+            .is_err()
+    );
+    assert!(
+        tenants::create_tenant(&admin, "demo", Default::default())
+            .await
+            .is_err(),
         "demo exists"
     );
     assert!(tenants::create_key(&admin, "nobody").await.is_err());
@@ -30,7 +36,9 @@ async fn tenants_own_their_names_and_revoked_keys_stop_working() {
         .collect();
     assert_eq!(names, ["demo"]);
 
-    tenants::create_tenant(&admin, "acme").await.unwrap();
+    tenants::create_tenant(&admin, "acme", Default::default())
+        .await
+        .unwrap();
     let key = tenants::create_key(&admin, "acme").await.unwrap();
     let listed = tenants::list_keys(&admin, "acme").await.unwrap();
     assert_eq!(listed, std::slice::from_ref(&key.access_key));

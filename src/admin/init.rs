@@ -5,6 +5,7 @@
 use crate::config::{
     AdminConfig, Bootstrap, ClusterSpec, GatewayConfig, NodeConfig, NodeEntry, RaftTuning, TlsFiles,
 };
+use crate::crypto::master::MasterKeys;
 use crate::tls::{write_pem, Authority, Role};
 use anyhow::{bail, Context};
 use std::net::{IpAddr, SocketAddr};
@@ -147,13 +148,19 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         bucket: "demo".into(),
     };
 
+    // One master key; each node gets its own copy of the keyring, as each
+    // would on its own machine.
+    let master = crate::crypto::Key::random();
     for n in &nodes {
         let name = format!("node{}", n.id);
         let tls = issue(&ca, &dir, &name, &local_names, Role::Node)?;
+        let master_key_file = PathBuf::from(format!("{name}.master.key"));
+        MasterKeys::create(&dir.join(&master_key_file), &master)?;
         let cfg = NodeConfig {
             node_id: n.id,
             listen: n.addr,
             data_dir: format!("data/{name}").into(),
+            master_key_file,
             tls,
             cluster: cluster.clone(),
             raft: RaftTuning::default(),

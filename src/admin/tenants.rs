@@ -28,13 +28,51 @@ where
     bail!("no node answered ({last})")
 }
 
-pub async fn create_tenant(cfg: &AdminConfig, tenant: &str) -> anyhow::Result<()> {
+/// A tenant's limits; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QuotaSpec {
+    pub bytes: Option<u64>,
+    pub objects: Option<u64>,
+}
+
+fn spec(tenant: &str, quota: QuotaSpec) -> pb::TenantSpec {
+    pb::TenantSpec {
+        tenant: tenant.to_string(),
+        quota_bytes: quota.bytes,
+        quota_objects: quota.objects,
+    }
+}
+
+pub async fn create_tenant(
+    cfg: &AdminConfig,
+    tenant: &str,
+    quota: QuotaSpec,
+) -> anyhow::Result<()> {
+    let req = spec(tenant, quota);
+    on_any_node(cfg, |mut c| {
+        let req = req.clone();
+        async move { c.create_tenant(req).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+pub async fn show_tenant(cfg: &AdminConfig, tenant: &str) -> anyhow::Result<pb::TenantInfo> {
     let req = pb::TenantRequest {
         tenant: tenant.to_string(),
     };
     on_any_node(cfg, |mut c| {
         let req = req.clone();
-        async move { c.create_tenant(req).await }
+        async move { c.show_tenant(req).await }
+    })
+    .await
+}
+
+pub async fn set_quota(cfg: &AdminConfig, tenant: &str, quota: QuotaSpec) -> anyhow::Result<()> {
+    let req = spec(tenant, quota);
+    on_any_node(cfg, |mut c| {
+        let req = req.clone();
+        async move { c.set_quota(req).await }
     })
     .await
     .map(|_| ())
@@ -82,4 +120,61 @@ pub async fn revoke_key(cfg: &AdminConfig, access_key: &str) -> anyhow::Result<(
     })
     .await
     .map(|_| ())
+}
+
+/// A quota limit as typed: a count or size (`10GiB`, `500MB`, `1000`), or
+/// `none` for no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitArg(pub Option<u64>);
+
+impl std::str::FromStr for LimitArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LimitArg, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("unlimited") {
+            return Ok(LimitArg(None));
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number, a size like 10GiB, or none"))?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+                ))
+            }
+        };
+        n.checked_mul(scale)
+            .map(|v| LimitArg(Some(v)))
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LimitArg;
+
+    #[test]
+    fn limits_parse_as_sizes_counts_or_none() {
+        let parse = |s: &str| s.parse::<LimitArg>().map(|l| l.0);
+        assert_eq!(parse("10GiB"), Ok(Some(10 << 30)));
+        assert_eq!(parse("500MB"), Ok(Some(500_000_000)));
+        assert_eq!(parse("1000"), Ok(Some(1000)));
+        assert_eq!(parse("none"), Ok(None));
+        assert!(parse("-5").is_err());
+        assert!(parse("5 parsecs").is_err());
+        assert!(parse("99999999999TiB").is_err());
+    }
 }

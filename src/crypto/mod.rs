@@ -165,7 +165,9 @@ pub fn generation_of(sealed: &[u8]) -> Result<u32, CryptoError> {
     if sealed[0] != VERSION {
         return Err(CryptoError::Malformed("unknown version"));
     }
-    Ok(u32::from_be_bytes(sealed[1..5].try_into().expect("4 bytes")))
+    Ok(u32::from_be_bytes(
+        sealed[1..5].try_into().expect("4 bytes"),
+    ))
 }
 
 /// Opens a value sealed by [`seal`] with the same key, purpose and context.

@@ -86,6 +86,11 @@ impl TenantKeys {
         })
     }
 
+    /// True if data sealed under `generation` can be opened.
+    pub fn holds(&self, generation: u32) -> bool {
+        self.deks.contains_key(&generation)
+    }
+
     /// The generation new data is sealed with.
     pub fn current_generation(&self) -> u32 {
         *self.deks.keys().next_back().expect("never empty")

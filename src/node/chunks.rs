@@ -32,9 +32,8 @@ impl Chunks {
 
     /// Writes `data` to every replica of its shard; returns once a majority
     /// has it on disk. Slower replicas finish in the background.
-    pub async fn replicate(&self, data: Bytes) -> Result<ChunkSpan, ShardError> {
+    pub async fn replicate(&self, data: Bytes) -> Result<ChunkId, ShardError> {
         let id = ChunkId::of(&data);
-        let len = data.len() as u64;
         let members = self
             .host
             .layout
@@ -58,7 +57,7 @@ impl Chunks {
                 Err(e) => failed.push(e.to_string()),
             }
             if ok >= needed {
-                return Ok(ChunkSpan { id, len });
+                return Ok(id);
             }
             if failed.len() > members.len() - needed {
                 break;

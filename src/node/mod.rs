@@ -3,12 +3,16 @@
 //! address, and only peers with a certificate of the cluster CA get in.
 
 pub mod chunks;
+pub mod keys;
 pub mod objects;
 pub mod service;
 pub mod tenants;
 
 use crate::chunk::ChunkStore;
 use crate::config::{Bootstrap, NodeConfig};
+use crate::crypto::master::MasterKeys;
+use crate::crypto::tenant_keys::wrap_dek;
+use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
 use crate::shard::command::AccessKey;
 use crate::shard::{Command, ShardError, ShardHost};
@@ -26,6 +30,9 @@ pub struct RunningNode {
     pub objects: Objects,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
+    /// Background tasks that hold the node's storage; stopped with it so
+    /// the database is released.
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningNode {
@@ -35,6 +42,9 @@ impl RunningNode {
             let _ = tx.send(());
         }
         let _ = (&mut self.server).await;
+        for task in &self.background {
+            task.abort();
+        }
         self.host.shutdown().await;
     }
 }
@@ -49,6 +59,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         .cache_capacity(cfg.cache_mib * 1024 * 1024)
         .open()
         .with_context(|| format!("opening the database in {}", cfg.data_dir.display()))?;
+    let master = Arc::new(MasterKeys::load(&cfg.master_key_file)?);
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
     let (named_tx, named_rx) = mpsc::unbounded_channel();
@@ -68,8 +79,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         host: host.clone(),
         store,
     };
-    tokio::spawn(chunks.clone().repair(named_rx));
-    let objects = Objects { chunks };
+    let repair = tokio::spawn(chunks.clone().repair(named_rx));
+    let objects = Objects {
+        chunks,
+        keys: Arc::new(keys::KeyCache::new(master)),
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -98,8 +112,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             tracing::error!("rpc server: {e}");
         }
     });
+    let mut background = vec![repair];
     if let Some(b) = cfg.bootstrap.clone() {
-        tokio::spawn(bootstrap(objects.clone(), b));
+        background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }
     tracing::info!(node = cfg.node_id, addr = %cfg.listen, "node serving");
     Ok(RunningNode {
@@ -107,6 +122,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         objects,
         stop: Some(stop_tx),
         server,
+        background,
     })
 }
 
@@ -135,6 +151,7 @@ async fn bootstrap_once(objects: &Objects, b: &Bootstrap) -> Result<(), ShardErr
     let tenant = Command::PutTenant {
         tenant: b.tenant.clone(),
         created_ms: now_ms(),
+        dek: wrap_dek(&objects.keys.master, &b.tenant, 1, &Key::random()),
     };
     host.propose(ShardId::META, &tenant).await?;
     let key = Command::PutAccessKey {

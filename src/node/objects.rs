@@ -8,15 +8,26 @@
 //! to [`INLINE_MAX`] skip the chunks and ride in the manifest. Until the
 //! manifest commits, nothing of the new object is visible; a failed upload
 //! leaves only unreferenced chunks for the collector.
+//!
+//! This is also where tenant data is sealed (see [`crate::crypto`]): every
+//! chunk, inline body and metadata record leaves here encrypted with the
+//! tenant's current DEK, and reads open them again on the way out.
 
 use super::chunks::Chunks;
-use crate::shard::command::{Body, ChunkSpan, ListPage, Manifest, Part, Upload};
+use super::keys::KeyCache;
+use crate::crypto::tenant_keys::TenantKeys;
+use crate::crypto::Purpose;
+use crate::shard::command::{
+    decode, encode, Body, ChunkSpan, Limit, ListPage, Manifest, ObjectMeta, Part, Quota, Upload,
+    Usage,
+};
 use crate::shard::{Command, Query, ShardError, Value};
 use crate::types::{now_ms, ShardId};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Stream, StreamExt};
 use md5::{Digest, Md5};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// Size of one chunk of object content.
 pub const CHUNK_SIZE: usize = 4 * 1024 * 1024;
@@ -35,6 +46,7 @@ type Result<T> = std::result::Result<T, ShardError>;
 pub struct Ingested {
     pub size: u64,
     pub md5_hex: String,
+    /// Sealed, like everything in a manifest.
     pub body: Body,
 }
 
@@ -53,6 +65,7 @@ pub struct Target {
 #[derive(Clone)]
 pub struct Objects {
     pub chunks: Chunks,
+    pub keys: Arc<KeyCache>,
 }
 
 fn unexpected(v: Value) -> ShardError {
@@ -157,7 +170,13 @@ impl Objects {
     /// `check` runs before the first chunk is written, so a request for a
     /// missing bucket costs no chunk writes; an inline body skips it, as the
     /// commit itself is refused atomically then.
-    pub async fn ingest<S, C>(&self, mut body: S, inline_ok: bool, check: C) -> Result<Ingested>
+    pub async fn ingest<S, C>(
+        &self,
+        mut body: S,
+        keys: Arc<TenantKeys>,
+        inline_ok: bool,
+        check: C,
+    ) -> Result<Ingested>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
         C: std::future::Future<Output = Result<()>>,
@@ -178,8 +197,7 @@ impl Objects {
                     c.await?;
                 }
                 let chunk = buf.split_to(CHUNK_SIZE).freeze();
-                let chunks = self.chunks.clone();
-                pending.push_back(tokio::spawn(async move { chunks.replicate(chunk).await }));
+                pending.push_back(self.store_chunk(&keys, chunk));
                 if pending.len() > CHUNKS_IN_FLIGHT {
                     spans.push(join(pending.pop_front()).await?);
                 }
@@ -190,16 +208,14 @@ impl Objects {
             return Ok(Ingested {
                 size,
                 md5_hex,
-                body: Body::Inline(buf.to_vec()),
+                body: Body::Inline(keys.seal(Purpose::Inline, &buf)),
             });
         }
         if let Some(c) = check.take() {
             c.await?;
         }
         if !buf.is_empty() {
-            let chunks = self.chunks.clone();
-            let chunk = buf.freeze();
-            pending.push_back(tokio::spawn(async move { chunks.replicate(chunk).await }));
+            pending.push_back(self.store_chunk(&keys, buf.freeze()));
         }
         while !pending.is_empty() {
             spans.push(join(pending.pop_front()).await?);
@@ -212,10 +228,70 @@ impl Objects {
         })
     }
 
+    /// Seals one chunk of content and replicates it, in the background.
+    fn store_chunk(
+        &self,
+        keys: &Arc<TenantKeys>,
+        plain: Bytes,
+    ) -> tokio::task::JoinHandle<Result<ChunkSpan>> {
+        let (chunks, keys) = (self.chunks.clone(), keys.clone());
+        tokio::spawn(async move {
+            let sealed = Bytes::from(keys.seal(Purpose::Chunk, &plain));
+            let id = chunks.replicate(sealed).await?;
+            Ok(ChunkSpan {
+                id,
+                len: plain.len() as u64,
+            })
+        })
+    }
+
+    /// Seals what the client said about an object.
+    fn seal_meta(
+        keys: &TenantKeys,
+        content_type: String,
+        user_metadata: BTreeMap<String, String>,
+    ) -> Vec<u8> {
+        let meta = ObjectMeta {
+            content_type,
+            user_metadata,
+        };
+        keys.seal(Purpose::Metadata, &encode(&meta))
+    }
+
+    /// Opens an object's content type and user metadata.
+    pub async fn open_meta(&self, tenant: &str, sealed: &[u8]) -> Result<ObjectMeta> {
+        let generation = crate::crypto::generation_of(sealed).map_err(sealed_err)?;
+        let keys = self.tenant_keys(tenant, Some(generation)).await?;
+        decode(&keys.open(Purpose::Metadata, sealed).map_err(sealed_err)?)
+    }
+
+    /// The room a write to `bucket` may take, when the tenant has a quota:
+    /// what the tenant's other buckets hold, read now.
+    pub async fn limit_for(&self, tenant: &str, bucket: &str) -> Result<Option<Limit>> {
+        let quota = self.tenant_quota(tenant).await?;
+        if quota == Quota::default() {
+            return Ok(None);
+        }
+        let mut elsewhere = Usage::default();
+        for (other, usage) in self.usage_by_bucket(tenant).await? {
+            if other != bucket {
+                elsewhere.bytes += usage.bytes;
+                elsewhere.objects += usage.objects;
+            }
+        }
+        Ok(Some(Limit { quota, elsewhere }))
+    }
+
     /// Stores an ingested body as an object or a part and returns its ETag.
-    pub async fn commit(&self, target: Target, data: Ingested) -> Result<(String, u64, i64)> {
+    pub async fn commit(
+        &self,
+        target: Target,
+        keys: &TenantKeys,
+        data: Ingested,
+    ) -> Result<(String, u64, i64)> {
         let modified_ms = now_ms();
         let shard = self.index(&target.tenant, &target.bucket);
+        let limit = self.limit_for(&target.tenant, &target.bucket).await?;
         let cmd = match target.part {
             Some((upload_id, part_number)) => {
                 let Body::Chunks(chunks) = data.body else {
@@ -233,6 +309,7 @@ impl Objects {
                         modified_ms,
                         chunks,
                     },
+                    limit,
                 }
             }
             None => Command::PutObject {
@@ -242,20 +319,36 @@ impl Objects {
                 manifest: Manifest {
                     size: data.size,
                     etag: data.md5_hex.clone(),
-                    content_type: target.content_type,
-                    user_metadata: target.user_metadata,
+                    meta: Self::seal_meta(keys, target.content_type, target.user_metadata),
                     modified_ms,
                     body: data.body,
                 },
+                limit,
             },
         };
         self.host().propose(shard, &cmd).await?;
         Ok((data.md5_hex, data.size, modified_ms))
     }
 
-    /// Checks that the bucket (and upload, for a part) exist before any
-    /// byte is stored, so a bad request costs no chunk writes.
-    pub async fn check_target(&self, target: &Target) -> Result<()> {
+    /// Checks that the bucket (and upload, for a part) exist, and that a
+    /// body of `declared_size` bytes fits the tenant's quota, before any
+    /// byte is stored, so a bad request costs no chunk writes. The commit
+    /// checks the quota again, atomically.
+    pub async fn check_target(&self, target: &Target, declared_size: Option<u64>) -> Result<()> {
+        if let (Some(size), Some(limit)) = (
+            declared_size,
+            self.limit_for(&target.tenant, &target.bucket).await?,
+        ) {
+            let here = self.usage(&target.tenant, &target.bucket).await?;
+            if let Some(q) = limit.quota.bytes {
+                let stored = limit.elsewhere.bytes + here.bytes;
+                if stored + size > q {
+                    return Err(ShardError::QuotaExceeded(format!(
+                        "the tenant's quota of {q} bytes would be exceeded: {stored} bytes stored, this request adds {size}"
+                    )));
+                }
+            }
+        }
         match &target.part {
             None => self.head_bucket(&target.tenant, &target.bucket).await,
             Some((upload_id, number)) => {
@@ -284,16 +377,20 @@ impl Objects {
         }
     }
 
-    /// The bytes `[start, end)` of an object, read ahead a few chunks.
-    pub fn read(
+    /// The bytes `[start, end)` of an object, read ahead a few chunks and
+    /// opened with the tenant's keys.
+    pub async fn read(
         &self,
+        tenant: &str,
         manifest: &Manifest,
         start: u64,
         end: u64,
-    ) -> BoxStream<'static, Result<Bytes>> {
-        match &manifest.body {
-            Body::Inline(data) => {
-                let slice = Bytes::copy_from_slice(&data[start as usize..end as usize]);
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let keys = self.tenant_keys(tenant, None).await?;
+        Ok(match &manifest.body {
+            Body::Inline(sealed) => {
+                let plain = keys.open(Purpose::Inline, sealed).map_err(sealed_err)?;
+                let slice = Bytes::from(plain).slice(start as usize..end as usize);
                 futures::stream::once(async move { Ok(slice) }).boxed()
             }
             Body::Chunks(spans) => {
@@ -309,16 +406,28 @@ impl Objects {
                     let to = end.min(hi) - lo;
                     pieces.push((span.id, from as usize, to as usize));
                 }
-                let chunks = self.chunks.clone();
+                let this = self.clone();
+                let tenant = tenant.to_string();
                 futures::stream::iter(pieces)
                     .map(move |(id, from, to)| {
-                        let chunks = chunks.clone();
-                        async move { chunks.fetch(id).await.map(|d| d.slice(from..to)) }
+                        let (this, tenant, keys) = (this.clone(), tenant.clone(), keys.clone());
+                        async move {
+                            let sealed = this.chunks.fetch(id).await?;
+                            let generation =
+                                crate::crypto::generation_of(&sealed).map_err(sealed_err)?;
+                            let keys = if keys.holds(generation) {
+                                keys
+                            } else {
+                                this.tenant_keys(&tenant, Some(generation)).await?
+                            };
+                            let plain = keys.open(Purpose::Chunk, &sealed).map_err(sealed_err)?;
+                            Ok(Bytes::from(plain).slice(from..to))
+                        }
                     })
                     .buffered(READ_AHEAD)
                     .boxed()
             }
-        }
+        })
     }
 
     pub async fn delete(&self, tenant: &str, bucket: &str, key: &str) -> Result<()> {
@@ -343,8 +452,8 @@ impl Objects {
     ) -> Result<(String, u64, i64)> {
         let mut manifest = self.manifest(tenant, src.0, src.1).await?;
         if let Some((content_type, user_metadata)) = replace {
-            manifest.content_type = content_type;
-            manifest.user_metadata = user_metadata;
+            let keys = self.tenant_keys(tenant, None).await?;
+            manifest.meta = Self::seal_meta(&keys, content_type, user_metadata);
         }
         manifest.modified_ms = now_ms();
         let reply = (manifest.etag.clone(), manifest.size, manifest.modified_ms);
@@ -353,6 +462,7 @@ impl Objects {
             bucket: dst.0.to_string(),
             key: dst.1.to_string(),
             manifest,
+            limit: self.limit_for(tenant, dst.0).await?,
         };
         self.host().propose(self.index(tenant, dst.0), &cmd).await?;
         Ok(reply)
@@ -390,14 +500,14 @@ impl Objects {
         user_metadata: BTreeMap<String, String>,
     ) -> Result<String> {
         let upload_id = hex::encode(rand::random::<[u8; 16]>());
+        let keys = self.tenant_keys(tenant, None).await?;
         let cmd = Command::CreateUpload {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             upload: Upload {
                 key: key.to_string(),
                 upload_id: upload_id.clone(),
-                content_type,
-                user_metadata,
+                meta: Self::seal_meta(&keys, content_type, user_metadata),
                 initiated_ms: now_ms(),
             },
         };
@@ -442,6 +552,7 @@ impl Objects {
             upload_id: upload_id.to_string(),
             parts,
             modified_ms: now_ms(),
+            limit: self.limit_for(tenant, bucket).await?,
         };
         match self
             .host()
@@ -517,6 +628,12 @@ impl Objects {
             v => Err(unexpected(v)),
         }
     }
+}
+
+/// A sealed value that does not open is damage or a key problem, never
+/// the client's fault.
+fn sealed_err(e: crate::crypto::CryptoError) -> ShardError {
+    ShardError::Internal(format!("opening stored data: {e}"))
 }
 
 async fn join(handle: Option<tokio::task::JoinHandle<Result<ChunkSpan>>>) -> Result<ChunkSpan> {

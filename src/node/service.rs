@@ -4,7 +4,7 @@
 
 use super::objects::{Objects, Target};
 use crate::rpc::{error_of, pb, status_of};
-use crate::shard::command::Manifest;
+use crate::shard::command::{Manifest, ObjectMeta};
 use crate::shard::{decode, encode, Command, Query, ShardError};
 use crate::types::{ChunkId, ShardId};
 use bytes::Bytes;
@@ -22,14 +22,24 @@ pub struct NodeService {
 
 type Rpc<T> = Result<Response<T>, Status>;
 
-fn info(key: &str, m: &Manifest) -> pb::ObjectInfo {
+/// An object as the gateway sees it; listings pass no `meta`, as S3
+/// listings carry neither content type nor user metadata.
+fn info(key: &str, m: &Manifest, meta: Option<ObjectMeta>) -> pb::ObjectInfo {
+    let meta = meta.unwrap_or_default();
     pb::ObjectInfo {
         key: key.to_string(),
         size: m.size,
         etag: m.etag.clone(),
-        content_type: m.content_type.clone(),
+        content_type: meta.content_type,
         modified_ms: m.modified_ms,
-        user_metadata: m.user_metadata.clone().into_iter().collect(),
+        user_metadata: meta.user_metadata.into_iter().collect(),
+    }
+}
+
+fn quota_of(spec: &pb::TenantSpec) -> crate::shard::command::Quota {
+    crate::shard::command::Quota {
+        bytes: spec.quota_bytes,
+        objects: spec.quota_objects,
     }
 }
 
@@ -243,10 +253,15 @@ impl Node for NodeService {
         };
         let commit = Arc::new(std::sync::Mutex::new(None));
         let body = body_of(frames, commit.clone());
-        let check = self.objects.check_target(&target);
+        let keys = self
+            .objects
+            .tenant_keys(&target.tenant, None)
+            .await
+            .map_err(status_of)?;
+        let check = self.objects.check_target(&target, header.declared_size);
         let data = self
             .objects
-            .ingest(body, target.part.is_none(), check)
+            .ingest(body, keys.clone(), target.part.is_none(), check)
             .await
             .map_err(status_of)?;
         let commit = commit
@@ -263,8 +278,11 @@ impl Node for NodeService {
         if !commit.content_md5_hex.is_empty() && commit.content_md5_hex != data.md5_hex {
             return Err(status_of(ShardError::BadDigest));
         }
-        let (etag, size, modified_ms) =
-            self.objects.commit(target, data).await.map_err(status_of)?;
+        let (etag, size, modified_ms) = self
+            .objects
+            .commit(target, &keys, data)
+            .await
+            .map_err(status_of)?;
         ok(pb::PutReply {
             etag,
             size,
@@ -290,16 +308,26 @@ impl Node for NodeService {
         if start > end || end > m.size {
             return Err(status_of(ShardError::InvalidRange));
         }
+        let meta = self
+            .objects
+            .open_meta(&r.tenant, &m.meta)
+            .await
+            .map_err(status_of)?;
         let first = pb::GetFrame {
-            frame: Some(pb::get_frame::Frame::Info(info(&r.key, &m))),
+            frame: Some(pb::get_frame::Frame::Info(info(&r.key, &m, Some(meta)))),
         };
-        let data = self.objects.read(&m, start, end).map(|piece| {
-            piece
-                .map(|d| pb::GetFrame {
-                    frame: Some(pb::get_frame::Frame::Data(d)),
-                })
-                .map_err(status_of)
-        });
+        let data = self
+            .objects
+            .read(&r.tenant, &m, start, end)
+            .await
+            .map_err(status_of)?
+            .map(|piece| {
+                piece
+                    .map(|d| pb::GetFrame {
+                        frame: Some(pb::get_frame::Frame::Data(d)),
+                    })
+                    .map_err(status_of)
+            });
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             let mut frames = futures::stream::once(async { Ok(first) })
@@ -321,7 +349,12 @@ impl Node for NodeService {
             .manifest(&r.tenant, &r.bucket, &r.key)
             .await
             .map_err(status_of)?;
-        ok(info(&r.key, &m))
+        let meta = self
+            .objects
+            .open_meta(&r.tenant, &m.meta)
+            .await
+            .map_err(status_of)?;
+        ok(info(&r.key, &m, Some(meta)))
     }
 
     async fn delete_object(&self, req: Request<pb::ObjectRequest>) -> Rpc<pb::Empty> {
@@ -376,7 +409,7 @@ impl Node for NodeService {
             .await
             .map_err(status_of)?;
         ok(pb::ListReply {
-            objects: page.objects.iter().map(|(k, m)| info(k, m)).collect(),
+            objects: page.objects.iter().map(|(k, m)| info(k, m, None)).collect(),
             common_prefixes: page.common_prefixes,
             truncated: page.truncated,
             next_marker: page.next_marker,
@@ -486,13 +519,33 @@ impl Node for NodeService {
         })
     }
 
-    async fn create_tenant(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::Empty> {
+    async fn create_tenant(&self, req: Request<pb::TenantSpec>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
+        let quota = quota_of(&r);
         self.objects
-            .create_tenant(&r.tenant)
+            .create_tenant(&r.tenant, quota)
             .await
             .map_err(status_of)?;
         ok(pb::Empty {})
+    }
+
+    async fn set_quota(&self, req: Request<pb::TenantSpec>) -> Rpc<pb::Empty> {
+        let r = req.into_inner();
+        let quota = quota_of(&r);
+        self.objects
+            .set_quota(&r.tenant, quota)
+            .await
+            .map_err(status_of)?;
+        ok(pb::Empty {})
+    }
+
+    async fn show_tenant(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::TenantInfo> {
+        let r = req.into_inner();
+        self.objects
+            .show_tenant(&r.tenant)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
     }
 
     async fn list_tenants(&self, _req: Request<pb::Empty>) -> Rpc<pb::TenantList> {
@@ -581,12 +634,14 @@ impl NodeService {
             user_metadata: Default::default(),
             part: Some((r.upload_id, r.part_number)),
         };
-        let check = self.objects.check_target(&target);
+        let keys = self.objects.tenant_keys(&target.tenant, None).await?;
+        let check = self.objects.check_target(&target, Some(end - start));
+        let source = self.objects.read(&target.tenant, &m, start, end).await?;
         let data = self
             .objects
-            .ingest(self.objects.read(&m, start, end), false, check)
+            .ingest(source, keys.clone(), false, check)
             .await?;
-        self.objects.commit(target, data).await
+        self.objects.commit(target, &keys, data).await
     }
 }
 

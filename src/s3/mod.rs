@@ -16,7 +16,7 @@ use crate::gateway::router::NodeRouter;
 use crate::rpc::{error_of, NodeClient};
 use crate::shard::ShardError;
 use s3s::dto::*;
-use s3s::{s3_error, S3Error, S3Request, S3Response, S3Result, S3};
+use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 use std::sync::Arc;
 
 /// The gateway's implementation of the S3 API.
@@ -106,6 +106,13 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
         ),
         ShardError::InvalidRange => s3_error!(InvalidRange, "The requested range is not satisfiable"),
         ShardError::InvalidArgument(m) => s3_error!(InvalidArgument, "{m}"),
+        ShardError::QuotaExceeded(m) => {
+            // Not one of AWS's codes: AWS has no storage quotas. 403, as
+            // MinIO and Ceph answer when a quota is full.
+            let mut e = S3Error::with_message(S3ErrorCode::Custom("QuotaExceeded".into()), m);
+            e.set_status_code(http::StatusCode::FORBIDDEN);
+            e
+        }
         ShardError::NotLeader { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }

@@ -77,6 +77,7 @@ impl S3Front {
             user_metadata: Default::default(),
             upload_id: i.upload_id,
             part_number: part_number(i.part_number)?,
+            declared_size: i.content_length.and_then(|n| u64::try_from(n).ok()),
         };
         let announced = Announced {
             content_md5: i.content_md5,

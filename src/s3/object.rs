@@ -87,6 +87,7 @@ impl S3Front {
             user_metadata: input.metadata.unwrap_or_default().into_iter().collect(),
             upload_id: String::new(),
             part_number: 0,
+            declared_size: input.content_length.and_then(|n| u64::try_from(n).ok()),
         };
         let announced = Announced {
             content_md5: input.content_md5,

@@ -4,6 +4,7 @@
 //! in log order, so applying one must depend only on the command and the
 //! state before it: no clocks, no randomness, no I/O besides the tree.
 
+use crate::crypto::tenant_keys::WrappedDek;
 use crate::types::ChunkId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,14 +26,27 @@ pub enum Body {
     Chunks(Vec<ChunkSpan>),
 }
 
-/// An object's metadata and the location of its content.
+/// What a client said about an object besides its bytes. Stored only
+/// sealed with the tenant's DEK (see [`crate::crypto`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    pub content_type: String,
+    /// `x-amz-meta-*` headers, names without the prefix.
+    pub user_metadata: BTreeMap<String, String>,
+}
+
+/// An object's metadata and the location of its content. Inline bodies,
+/// chunks and `meta` are sealed with the tenant's DEK; size and ETag are
+/// kept in the clear for listings and conditionals.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Bytes of plaintext content.
     pub size: u64,
     /// Unquoted: MD5 hex, or `md5-of-md5s-N` for multipart objects.
     pub etag: String,
-    pub content_type: String,
-    pub user_metadata: BTreeMap<String, String>,
+    /// Sealed msgpack of [`ObjectMeta`].
+    #[serde(with = "serde_bytes")]
+    pub meta: Vec<u8>,
     pub modified_ms: i64,
     pub body: Body,
 }
@@ -42,8 +56,9 @@ pub struct Manifest {
 pub struct Upload {
     pub key: String,
     pub upload_id: String,
-    pub content_type: String,
-    pub user_metadata: BTreeMap<String, String>,
+    /// Sealed msgpack of [`ObjectMeta`], handed to the object on Complete.
+    #[serde(with = "serde_bytes")]
+    pub meta: Vec<u8>,
     pub initiated_ms: i64,
 }
 
@@ -56,6 +71,39 @@ pub struct Part {
     pub chunks: Vec<ChunkSpan>,
 }
 
+/// Limits on what one tenant may store; `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub bytes: Option<u64>,
+    pub objects: Option<u64>,
+}
+
+/// A tenant as the meta shard stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub created_ms: i64,
+    pub quota: Quota,
+    /// Every DEK generation, oldest first; the last one seals new data.
+    pub deks: Vec<WrappedDek>,
+}
+
+/// What one bucket holds: committed objects, plus the parts of uploads in
+/// progress in `bytes`, since they occupy disk too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub bytes: u64,
+    pub objects: u64,
+}
+
+/// The room one write may use in its bucket: the tenant's quota and what
+/// the tenant's other buckets held when the coordinator asked. The index
+/// shard checks it atomically against the bucket's own usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    pub quota: Quota,
+    pub elsewhere: Usage,
+}
+
 /// An access key and the tenant it authenticates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessKey {
@@ -66,10 +114,21 @@ pub struct AccessKey {
 /// A change to one shard's state, replicated through its Raft log.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    /// Meta shard: create a tenant if it does not exist.
-    PutTenant { tenant: String, created_ms: i64 },
+    /// Meta shard: create a tenant if it does not exist (bootstrap).
+    PutTenant {
+        tenant: String,
+        created_ms: i64,
+        dek: WrappedDek,
+    },
     /// Meta shard: create a tenant; fails with TenantExists if it does.
-    CreateTenant { tenant: String, created_ms: i64 },
+    CreateTenant {
+        tenant: String,
+        created_ms: i64,
+        quota: Quota,
+        dek: WrappedDek,
+    },
+    /// Meta shard: replace a tenant's quota.
+    SetQuota { tenant: String, quota: Quota },
     /// Meta shard: store an access key for a tenant.
     PutAccessKey { access_key: String, key: AccessKey },
     /// Meta shard: revoke an access key; fails with NoSuchAccessKey.
@@ -92,6 +151,8 @@ pub enum Command {
         bucket: String,
         key: String,
         manifest: Manifest,
+        /// Set when the tenant has a quota.
+        limit: Option<Limit>,
     },
     /// Index shard: remove `key` (no error when missing, as in S3).
     DeleteObject {
@@ -111,6 +172,7 @@ pub enum Command {
         upload_id: String,
         part_number: u32,
         part: Part,
+        limit: Option<Limit>,
     },
     /// Index shard: turn the named parts into the object, atomically.
     CompleteUpload {
@@ -120,6 +182,7 @@ pub enum Command {
         upload_id: String,
         parts: Vec<(u32, String)>,
         modified_ms: i64,
+        limit: Option<Limit>,
     },
     AbortUpload {
         tenant: String,
@@ -139,6 +202,10 @@ pub enum Query {
     },
     /// Meta shard: every tenant with its creation time.
     Tenants,
+    /// Meta shard: one tenant's record.
+    Tenant {
+        tenant: String,
+    },
     /// Meta shard: the access key ids of one tenant.
     AccessKeys {
         tenant: String,
@@ -147,6 +214,11 @@ pub enum Query {
         tenant: String,
     },
     IndexExists {
+        tenant: String,
+        bucket: String,
+    },
+    /// Index shard: what one bucket holds.
+    Usage {
         tenant: String,
         bucket: String,
     },
@@ -203,6 +275,8 @@ pub enum Value {
     AccessKey(Option<AccessKey>),
     Buckets(Vec<(String, i64)>),
     Tenants(Vec<(String, i64)>),
+    Tenant(Option<TenantRecord>),
+    Usage(Usage),
     AccessKeys(Vec<String>),
     Exists(bool),
     Object(Option<Manifest>),
@@ -251,6 +325,8 @@ pub enum ShardError {
     InvalidRange,
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("not the leader of this shard")]
     NotLeader { leader: Option<u64> },
     #[error("shard unavailable: {0}")]

@@ -23,6 +23,7 @@ mod tag {
     pub const UPLOAD: u8 = b'U';
     pub const PART: u8 = b'P';
     pub const CHUNK: u8 = b'C';
+    pub const USAGE: u8 = b'Z';
 }
 
 /// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
@@ -42,6 +43,10 @@ fn bucket_prefix(tag: u8, tenant: &str, bucket: &str) -> Vec<u8> {
     let mut k = key(tag, &[tenant.as_bytes(), bucket.as_bytes()]);
     k.push(0);
     k
+}
+
+fn usage_key(tenant: &str, bucket: &str) -> Vec<u8> {
+    key(tag::USAGE, &[tenant.as_bytes(), bucket.as_bytes()])
 }
 
 fn object_key(tenant: &str, bucket: &str, object: &str) -> Vec<u8> {
@@ -88,6 +93,41 @@ fn after_prefix(prefix: &[u8]) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.push(0xFF);
     k
+}
+
+/// Refuses a write that grows a bucket past what `limit` leaves it.
+/// Shrinking is always allowed, so deleting frees room even when a tenant
+/// is over its quota (after the quota was lowered, say).
+fn check_limit(limit: &Option<Limit>, before: Usage, after: Usage) -> Io<()> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let over = |quota: Option<u64>, elsewhere: u64, before: u64, after: u64, unit: &str| {
+        match quota {
+            Some(q) if after > before && elsewhere + after > q => {
+                Err(ShardError::QuotaExceeded(format!(
+                    "the tenant's quota of {q} {unit} would be exceeded: {} {unit} stored, this request adds {}",
+                    elsewhere + before,
+                    after - before
+                )))
+            }
+            _ => Ok(()),
+        }
+    };
+    over(
+        limit.quota.bytes,
+        limit.elsewhere.bytes,
+        before.bytes,
+        after.bytes,
+        "bytes",
+    )?;
+    over(
+        limit.quota.objects,
+        limit.elsewhere.objects,
+        before.objects,
+        after.objects,
+        "objects",
+    )
 }
 
 /// Reads and changes one shard's tree.
@@ -140,18 +180,43 @@ impl State {
     /// deterministic leaves the batch empty.
     pub fn apply(&self, cmd: &Command, batch: &mut Batch) -> Reply {
         match cmd {
-            Command::PutTenant { tenant, created_ms } => {
+            Command::PutTenant {
+                tenant,
+                created_ms,
+                dek,
+            } => {
                 let k = key(tag::TENANT, &[tenant.as_bytes()]);
                 if !self.exists(&k)? {
-                    batch.insert(k, encode(created_ms));
+                    let record = TenantRecord {
+                        created_ms: *created_ms,
+                        quota: Quota::default(),
+                        deks: vec![dek.clone()],
+                    };
+                    batch.insert(k, encode(&record));
                 }
             }
-            Command::CreateTenant { tenant, created_ms } => {
+            Command::CreateTenant {
+                tenant,
+                created_ms,
+                quota,
+                dek,
+            } => {
                 let k = key(tag::TENANT, &[tenant.as_bytes()]);
                 if self.exists(&k)? {
                     return Err(ShardError::TenantExists);
                 }
-                batch.insert(k, encode(created_ms));
+                let record = TenantRecord {
+                    created_ms: *created_ms,
+                    quota: *quota,
+                    deks: vec![dek.clone()],
+                };
+                batch.insert(k, encode(&record));
+            }
+            Command::SetQuota { tenant, quota } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                let mut record: TenantRecord = self.get(&k)?.ok_or(ShardError::NoSuchTenant)?;
+                record.quota = *quota;
+                batch.insert(k, encode(&record));
             }
             Command::RevokeAccessKey { access_key } => {
                 let k = key(tag::ACCESS_KEY, &[access_key.as_bytes()]);
@@ -195,15 +260,25 @@ impl State {
                     return Err(ShardError::BucketNotEmpty);
                 }
                 batch.remove(key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]));
+                batch.remove(usage_key(tenant, bucket));
             }
             Command::PutObject {
                 tenant,
                 bucket,
                 key: object,
                 manifest,
+                limit,
             } => {
                 self.require_index(tenant, bucket)?;
-                batch.insert(object_key(tenant, bucket, object), encode(manifest));
+                let k = object_key(tenant, bucket, object);
+                let before = self.usage(tenant, bucket)?;
+                let mut after = before;
+                self.forget_object(&k, &mut after)?;
+                after.bytes += manifest.size;
+                after.objects += 1;
+                check_limit(limit, before, after)?;
+                batch.insert(k, encode(manifest));
+                batch.insert(usage_key(tenant, bucket), encode(&after));
             }
             Command::DeleteObject {
                 tenant,
@@ -211,7 +286,11 @@ impl State {
                 key: object,
             } => {
                 self.require_index(tenant, bucket)?;
-                batch.remove(object_key(tenant, bucket, object));
+                let k = object_key(tenant, bucket, object);
+                let mut usage = self.usage(tenant, bucket)?;
+                self.forget_object(&k, &mut usage)?;
+                batch.remove(k);
+                batch.insert(usage_key(tenant, bucket), encode(&usage));
             }
             Command::CreateUpload {
                 tenant,
@@ -231,15 +310,22 @@ impl State {
                 upload_id,
                 part_number,
                 part,
+                limit,
             } => {
                 self.require_index(tenant, bucket)?;
                 if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
                     return Err(ShardError::NoSuchUpload);
                 }
-                batch.insert(
-                    part_key(tenant, bucket, upload_id, *part_number),
-                    encode(part),
-                );
+                let k = part_key(tenant, bucket, upload_id, *part_number);
+                let before = self.usage(tenant, bucket)?;
+                let mut after = before;
+                if let Some(old) = self.get::<Part>(&k)? {
+                    after.bytes = after.bytes.saturating_sub(old.size);
+                }
+                after.bytes += part.size;
+                check_limit(limit, before, after)?;
+                batch.insert(k, encode(part));
+                batch.insert(usage_key(tenant, bucket), encode(&after));
             }
             Command::CompleteUpload {
                 tenant,
@@ -248,12 +334,26 @@ impl State {
                 upload_id,
                 parts,
                 modified_ms,
+                limit,
             } => {
                 self.require_index(tenant, bucket)?;
                 let manifest =
                     self.complete_upload(tenant, bucket, object, upload_id, parts, *modified_ms)?;
-                self.remove_upload(tenant, bucket, object, upload_id, batch)?;
-                batch.insert(object_key(tenant, bucket, object), encode(&manifest));
+                let k = object_key(tenant, bucket, object);
+                let before = self.usage(tenant, bucket)?;
+                let mut after = before;
+                // The parts' bytes become the object's; unused parts go.
+                let parts_bytes = self.remove_upload(tenant, bucket, object, upload_id, batch)?;
+                after.bytes = after.bytes.saturating_sub(parts_bytes);
+                self.forget_object(&k, &mut after)?;
+                after.bytes += manifest.size;
+                after.objects += 1;
+                if let Err(e) = check_limit(limit, before, after) {
+                    *batch = Batch::default();
+                    return Err(e);
+                }
+                batch.insert(k, encode(&manifest));
+                batch.insert(usage_key(tenant, bucket), encode(&after));
                 return Ok(Value::Object(Some(manifest)));
             }
             Command::AbortUpload {
@@ -266,7 +366,10 @@ impl State {
                 if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
                     return Err(ShardError::NoSuchUpload);
                 }
-                self.remove_upload(tenant, bucket, object, upload_id, batch)?;
+                let mut usage = self.usage(tenant, bucket)?;
+                let parts_bytes = self.remove_upload(tenant, bucket, object, upload_id, batch)?;
+                usage.bytes = usage.bytes.saturating_sub(parts_bytes);
+                batch.insert(usage_key(tenant, bucket), encode(&usage));
             }
             Command::AddChunks { chunks } => {
                 for (id, len) in chunks {
@@ -284,13 +387,30 @@ impl State {
         object: &str,
         upload_id: &str,
         batch: &mut Batch,
-    ) -> Io<()> {
+    ) -> Io<u64> {
         batch.remove(upload_key(tenant, bucket, object, upload_id));
+        let mut bytes = 0;
         for kv in self
             .tree
             .scan_prefix(parts_prefix(tenant, bucket, upload_id))
         {
-            batch.remove(kv.map_err(io)?.0);
+            let (k, v) = kv.map_err(io)?;
+            bytes += decode::<Part>(&v)?.size;
+            batch.remove(k);
+        }
+        Ok(bytes)
+    }
+
+    /// What a bucket holds now.
+    fn usage(&self, tenant: &str, bucket: &str) -> Io<Usage> {
+        Ok(self.get(&usage_key(tenant, bucket))?.unwrap_or_default())
+    }
+
+    /// Takes the object at `k`, if any, out of `usage`.
+    fn forget_object(&self, k: &[u8], usage: &mut Usage) -> Io<()> {
+        if let Some(old) = self.get::<Manifest>(k)? {
+            usage.bytes = usage.bytes.saturating_sub(old.size);
+            usage.objects = usage.objects.saturating_sub(1);
         }
         Ok(())
     }
@@ -355,8 +475,7 @@ impl State {
         Ok(Manifest {
             size,
             etag: format!("{}-{}", hex::encode(md5s.finalize()), wanted.len()),
-            content_type: upload.content_type,
-            user_metadata: upload.user_metadata,
+            meta: upload.meta,
             modified_ms,
             body: Body::Chunks(chunks),
         })
@@ -372,9 +491,20 @@ impl State {
                 let mut out = Vec::new();
                 for kv in self.tree.scan_prefix([tag::TENANT]) {
                     let (k, v) = kv.map_err(io)?;
-                    out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
+                    let record: TenantRecord = decode(&v)?;
+                    out.push((
+                        String::from_utf8_lossy(&k[1..]).into_owned(),
+                        record.created_ms,
+                    ));
                 }
                 Ok(Value::Tenants(out))
+            }
+            Query::Tenant { tenant } => Ok(Value::Tenant(
+                self.get(&key(tag::TENANT, &[tenant.as_bytes()]))?,
+            )),
+            Query::Usage { tenant, bucket } => {
+                self.require_index(tenant, bucket)?;
+                Ok(Value::Usage(self.usage(tenant, bucket)?))
             }
             Query::AccessKeys { tenant } => {
                 let mut out = Vec::new();
