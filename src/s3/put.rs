@@ -171,6 +171,9 @@ impl S3Front {
         }
         let verdict = match body_error {
             Some(e) => Err(e),
+            // The node stopped listening before the body ended, so the
+            // checksums cover only part of it; the node's answer says why.
+            None if !open => Ok(()),
             None => announced.verify(hasher, trailers),
         };
         if verdict.is_ok() && open {
