@@ -198,13 +198,7 @@ async fn no_plaintext_of_content_or_metadata_reaches_any_disk() {
 
     // Everything reads back as written, metadata included.
     for (key, body) in [("inline", &inline), ("chunked", &chunked)] {
-        let got = c
-            .get_object()
-            .bucket("demo")
-            .key(key)
-            .send()
-            .await
-            .unwrap();
+        let got = c.get_object().bucket("demo").key(key).send().await.unwrap();
         assert_eq!(got.metadata().unwrap()["note"], meta);
         let data = got.body.collect().await.unwrap().into_bytes();
         assert!(data.as_ref() == body.as_slice(), "{key} changed");
