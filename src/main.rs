@@ -88,6 +88,16 @@ enum AdminCommand {
     /// Access keys: each signs S3 requests for one tenant.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The cluster's master key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// A new master key on every node, every tenant key rewrapped under it,
+    /// the old ones destroyed. Every node must be up; no downtime.
+    RotateMaster,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +117,17 @@ enum TenantCommand {
     List,
     /// A tenant's usage against its quota, buckets, keys and key generation.
     Show { name: String },
+    /// Delete a tenant: its data keys are destroyed at once (its data can
+    /// never be read again), its objects collected in the background.
+    Delete {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Seal the tenant's new writes with a new data key; old data stays
+    /// readable.
+    RotateKey { name: String },
     /// Change a tenant's quota; `none` removes a limit, an omitted one stays.
     SetQuota {
         name: String,
@@ -226,6 +247,7 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
         }
         AdminCommand::Tenant(cmd) => tenant(&admin_config(config)?, json, cmd).await?,
         AdminCommand::Key(cmd) => key(&admin_config(config)?, json, cmd).await?,
+        AdminCommand::Keys(cmd) => keys(&admin_config(config)?, json, cmd).await?,
     }
     Ok(())
 }
@@ -283,6 +305,43 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
                 print_tenant(&t);
             }
         }
+        TenantCommand::Delete { name, yes } => {
+            if !yes {
+                if json {
+                    anyhow::bail!("--json needs --yes: deleting a tenant cannot be undone");
+                }
+                confirm_deletion(&name)?;
+            }
+            let d = tenants::delete_tenant(cfg, &name).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "deleted": name, "buckets": d.buckets, "master_generation": d.master_generation, "shred_error": d.shred_error })
+                );
+            } else {
+                println!(
+                    "deleted tenant {name} ({} buckets, collected in the background)",
+                    d.buckets
+                );
+            }
+            if !d.shred_error.is_empty() {
+                anyhow::bail!(
+                    "the tenant's keys are gone from the cluster, but the master key they were wrapped under could not be destroyed: {}. Run `lumbung admin keys rotate-master` once every node is up.",
+                    d.shred_error
+                );
+            }
+        }
+        TenantCommand::RotateKey { name } => {
+            let t = tenants::rotate_tenant_key(cfg, &name).await?;
+            if json {
+                println!("{}", tenant_json(&t));
+            } else {
+                println!(
+                    "tenant {name} now writes with key generation {}",
+                    t.key_generation
+                );
+            }
+        }
         TenantCommand::List => {
             let list = tenants::list_tenants(cfg).await?;
             if json {
@@ -295,6 +354,39 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
                 for t in list {
                     println!("{}", t.name);
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks for the tenant's name to be typed back.
+fn confirm_deletion(name: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    print!("Deleting tenant {name} destroys its data for good. Type its name to confirm: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != name {
+        anyhow::bail!("not confirmed; nothing was deleted");
+    }
+    Ok(())
+}
+
+async fn keys(cfg: &AdminConfig, json: bool, cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::RotateMaster => {
+            let r = admin::tenants::rotate_master_key(cfg).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "generation": r.generation, "rewrapped": r.rewrapped, "nodes": r.nodes })
+                );
+            } else {
+                println!(
+                    "master key generation {} on all {} nodes; {} tenant keys rewrapped; older master keys destroyed",
+                    r.generation, r.nodes, r.rewrapped
+                );
             }
         }
     }

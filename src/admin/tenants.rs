@@ -122,6 +122,35 @@ pub async fn revoke_key(cfg: &AdminConfig, access_key: &str) -> anyhow::Result<(
     .map(|_| ())
 }
 
+pub async fn rotate_tenant_key(cfg: &AdminConfig, tenant: &str) -> anyhow::Result<pb::TenantInfo> {
+    let req = pb::TenantRequest {
+        tenant: tenant.to_string(),
+    };
+    on_any_node(cfg, |mut c| {
+        let req = req.clone();
+        async move { c.rotate_tenant_key(req).await }
+    })
+    .await
+}
+
+pub async fn delete_tenant(cfg: &AdminConfig, tenant: &str) -> anyhow::Result<pb::TenantDeletion> {
+    let req = pb::TenantRequest {
+        tenant: tenant.to_string(),
+    };
+    on_any_node(cfg, |mut c| {
+        let req = req.clone();
+        async move { c.delete_tenant(req).await }
+    })
+    .await
+}
+
+pub async fn rotate_master_key(cfg: &AdminConfig) -> anyhow::Result<pb::MasterRotation> {
+    on_any_node(cfg, |mut c| async move {
+        c.rotate_master_key(pb::Empty {}).await
+    })
+    .await
+}
+
 /// A quota limit as typed: a count or size (`10GiB`, `500MB`, `1000`), or
 /// `none` for no limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

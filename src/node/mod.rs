@@ -3,6 +3,7 @@
 //! address, and only peers with a certificate of the cluster CA get in.
 
 pub mod chunks;
+pub mod key_admin;
 pub mod keys;
 pub mod objects;
 pub mod service;
@@ -112,7 +113,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             tracing::error!("rpc server: {e}");
         }
     });
-    let mut background = vec![repair];
+    let collector = tokio::spawn(collect_deleted_tenants(objects.clone()));
+    let mut background = vec![repair, collector];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }
@@ -165,5 +167,16 @@ async fn bootstrap_once(objects: &Objects, b: &Bootstrap) -> Result<(), ShardErr
     match objects.create_bucket(&b.tenant, &b.bucket).await {
         Ok(()) | Err(ShardError::BucketExists) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Finishes collecting deleted tenants whose deleting node stopped before
+/// it was done.
+async fn collect_deleted_tenants(objects: Objects) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    every.tick().await;
+    loop {
+        every.tick().await;
+        objects.clone().collect_deleted().await;
     }
 }

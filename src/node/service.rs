@@ -594,6 +594,57 @@ impl Node for NodeService {
         ok(pb::Empty {})
     }
 
+    async fn master_key_step(
+        &self,
+        req: Request<pb::MasterKeyStepRequest>,
+    ) -> Rpc<pb::MasterKeyState> {
+        let r = req.into_inner();
+        super::key_admin::apply_master_step(&self.objects.keys.master, &r)
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn forget_tenant_keys(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::Empty> {
+        self.objects.keys.forget(&req.into_inner().tenant);
+        ok(pb::Empty {})
+    }
+
+    async fn rotate_tenant_key(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::TenantInfo> {
+        let r = req.into_inner();
+        self.objects
+            .rotate_tenant_key(&r.tenant)
+            .await
+            .map_err(status_of)?;
+        self.objects
+            .show_tenant(&r.tenant)
+            .await
+            .map(Response::new)
+            .map_err(status_of)
+    }
+
+    async fn delete_tenant(&self, req: Request<pb::TenantRequest>) -> Rpc<pb::TenantDeletion> {
+        let r = req.into_inner();
+        let (buckets, shredded) = self
+            .objects
+            .delete_tenant(&r.tenant)
+            .await
+            .map_err(status_of)?;
+        ok(pb::TenantDeletion {
+            buckets,
+            master_generation: self.objects.keys.master.current().0,
+            shred_error: shredded.err().map(|e| e.to_string()).unwrap_or_default(),
+        })
+    }
+
+    async fn rotate_master_key(&self, _req: Request<pb::Empty>) -> Rpc<pb::MasterRotation> {
+        let (generation, rewrapped) = self.objects.rotate_master().await.map_err(status_of)?;
+        ok(pb::MasterRotation {
+            generation,
+            rewrapped,
+            nodes: self.objects.chunks.host.layout.nodes.len() as u32,
+        })
+    }
+
     async fn status(&self, _req: Request<pb::Empty>) -> Rpc<pb::NodeStatus> {
         let host = &self.objects.chunks.host;
         let (chunk_bytes, chunk_count) = self.objects.chunks.store.totals();

@@ -91,7 +91,7 @@ impl Objects {
             .query(ShardId::META, &Query::Tenants)
             .await?
         {
-            Value::Tenants(t) => Ok(t),
+            Value::Tenants(t) => Ok(t.into_iter().map(|(n, r)| (n, r.created_ms)).collect()),
             v => Err(ShardError::Internal(format!("unexpected reply {v:?}"))),
         }
     }

@@ -92,7 +92,10 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
             "The specified multipart upload does not exist. The upload ID might be invalid, or the multipart upload might have been aborted or completed."
         ),
         ShardError::InvalidPart(m) => s3_error!(InvalidPart, "{m}"),
-        ShardError::TenantExists | ShardError::NoSuchTenant | ShardError::NoSuchAccessKey => {
+        ShardError::TenantExists
+        | ShardError::TenantBeingDeleted
+        | ShardError::NoSuchTenant
+        | ShardError::NoSuchAccessKey => {
             s3_error!(AccessDenied, "Access Denied")
         }
         ShardError::InvalidPartOrder => s3_error!(

@@ -129,6 +129,30 @@ pub enum Command {
     },
     /// Meta shard: replace a tenant's quota.
     SetQuota { tenant: String, quota: Quota },
+    /// Meta shard: add the next DEK generation (`tenant rotate-key`);
+    /// refused unless it is exactly one past the newest.
+    AddDek { tenant: String, dek: WrappedDek },
+    /// Meta shard: replace one wrapped DEK by the same DEK wrapped under
+    /// another master key, if it is still `old` (master key rotation).
+    RewrapDek {
+        tenant: String,
+        old: WrappedDek,
+        new: WrappedDek,
+    },
+    /// Meta shard: remove a tenant with its DEKs, access keys and bucket
+    /// catalogue, leaving a tombstone until its indexes are collected.
+    /// Returns the buckets it had.
+    DeleteTenant { tenant: String },
+    /// Meta shard: drop a deleted tenant's tombstone once collected.
+    ForgetTenant { tenant: String },
+    /// Index shard: remove up to `max` records of a deleted tenant's bucket
+    /// (objects, uploads, parts, usage, the index itself). Returns
+    /// `Exists(true)` while records remain.
+    PurgeIndex {
+        tenant: String,
+        bucket: String,
+        max: u32,
+    },
     /// Meta shard: store an access key for a tenant.
     PutAccessKey { access_key: String, key: AccessKey },
     /// Meta shard: revoke an access key; fails with NoSuchAccessKey.
@@ -200,8 +224,10 @@ pub enum Query {
     AccessKey {
         access_key: String,
     },
-    /// Meta shard: every tenant with its creation time.
+    /// Meta shard: every tenant's record.
     Tenants,
+    /// Meta shard: tenants deleted whose data is still being collected.
+    Tombstones,
     /// Meta shard: one tenant's record.
     Tenant {
         tenant: String,
@@ -274,7 +300,9 @@ pub enum Value {
     Done,
     AccessKey(Option<AccessKey>),
     Buckets(Vec<(String, i64)>),
-    Tenants(Vec<(String, i64)>),
+    Tenants(Vec<(String, TenantRecord)>),
+    /// Deleted tenants still being collected, with their buckets.
+    Tombstones(Vec<(String, Vec<String>)>),
     Tenant(Option<TenantRecord>),
     Usage(Usage),
     AccessKeys(Vec<String>),
@@ -307,6 +335,8 @@ pub enum ShardError {
     BucketExists,
     #[error("the tenant already exists")]
     TenantExists,
+    #[error("the tenant was deleted and its data is still being collected; try again later")]
+    TenantBeingDeleted,
     #[error("the tenant does not exist")]
     NoSuchTenant,
     #[error("the access key does not exist")]

@@ -24,6 +24,7 @@ mod tag {
     pub const PART: u8 = b'P';
     pub const CHUNK: u8 = b'C';
     pub const USAGE: u8 = b'Z';
+    pub const TOMBSTONE: u8 = b'D';
 }
 
 /// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
@@ -186,7 +187,8 @@ impl State {
                 dek,
             } => {
                 let k = key(tag::TENANT, &[tenant.as_bytes()]);
-                if !self.exists(&k)? {
+                let tombstone = key(tag::TOMBSTONE, &[tenant.as_bytes()]);
+                if !self.exists(&k)? && !self.exists(&tombstone)? {
                     let record = TenantRecord {
                         created_ms: *created_ms,
                         quota: Quota::default(),
@@ -205,6 +207,9 @@ impl State {
                 if self.exists(&k)? {
                     return Err(ShardError::TenantExists);
                 }
+                if self.exists(&key(tag::TOMBSTONE, &[tenant.as_bytes()]))? {
+                    return Err(ShardError::TenantBeingDeleted);
+                }
                 let record = TenantRecord {
                     created_ms: *created_ms,
                     quota: *quota,
@@ -217,6 +222,77 @@ impl State {
                 let mut record: TenantRecord = self.get(&k)?.ok_or(ShardError::NoSuchTenant)?;
                 record.quota = *quota;
                 batch.insert(k, encode(&record));
+            }
+            Command::AddDek { tenant, dek } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                let mut record: TenantRecord = self.get(&k)?.ok_or(ShardError::NoSuchTenant)?;
+                let next = record.deks.last().map_or(1, |d| d.generation + 1);
+                if dek.generation != next {
+                    return Err(ShardError::InvalidArgument(format!(
+                        "key generation {} is not the next one ({next}): another rotation ran meanwhile",
+                        dek.generation
+                    )));
+                }
+                record.deks.push(dek.clone());
+                batch.insert(k, encode(&record));
+            }
+            Command::RewrapDek { tenant, old, new } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                if let Some(mut record) = self.get::<TenantRecord>(&k)? {
+                    if let Some(d) = record.deks.iter_mut().find(|d| *d == old) {
+                        *d = new.clone();
+                        batch.insert(k, encode(&record));
+                    }
+                }
+            }
+            Command::DeleteTenant { tenant } => {
+                let k = key(tag::TENANT, &[tenant.as_bytes()]);
+                if !self.exists(&k)? {
+                    return Err(ShardError::NoSuchTenant);
+                }
+                batch.remove(k);
+                for kv in self.tree.scan_prefix([tag::ACCESS_KEY]) {
+                    let (k, v) = kv.map_err(io)?;
+                    if decode::<AccessKey>(&v)?.tenant == *tenant {
+                        batch.remove(k);
+                    }
+                }
+                let mut prefix = key(tag::BUCKET, &[tenant.as_bytes()]);
+                prefix.push(0);
+                let mut buckets = Vec::new();
+                for kv in self.tree.scan_prefix(&prefix) {
+                    let (k, v) = kv.map_err(io)?;
+                    buckets.push((
+                        String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                        decode(&v)?,
+                    ));
+                    batch.remove(k);
+                }
+                let names: Vec<&String> = buckets.iter().map(|(b, _)| b).collect();
+                batch.insert(key(tag::TOMBSTONE, &[tenant.as_bytes()]), encode(&names));
+                return Ok(Value::Buckets(buckets));
+            }
+            Command::ForgetTenant { tenant } => {
+                batch.remove(key(tag::TOMBSTONE, &[tenant.as_bytes()]));
+            }
+            Command::PurgeIndex {
+                tenant,
+                bucket,
+                max,
+            } => {
+                let mut left = *max;
+                for t in [tag::OBJECT, tag::UPLOAD, tag::PART] {
+                    for kv in self.tree.scan_prefix(bucket_prefix(t, tenant, bucket)) {
+                        if left == 0 {
+                            return Ok(Value::Exists(true));
+                        }
+                        batch.remove(kv.map_err(io)?.0);
+                        left -= 1;
+                    }
+                }
+                batch.remove(usage_key(tenant, bucket));
+                batch.remove(key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]));
+                return Ok(Value::Exists(false));
             }
             Command::RevokeAccessKey { access_key } => {
                 let k = key(tag::ACCESS_KEY, &[access_key.as_bytes()]);
@@ -491,13 +567,17 @@ impl State {
                 let mut out = Vec::new();
                 for kv in self.tree.scan_prefix([tag::TENANT]) {
                     let (k, v) = kv.map_err(io)?;
-                    let record: TenantRecord = decode(&v)?;
-                    out.push((
-                        String::from_utf8_lossy(&k[1..]).into_owned(),
-                        record.created_ms,
-                    ));
+                    out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
                 }
                 Ok(Value::Tenants(out))
+            }
+            Query::Tombstones => {
+                let mut out = Vec::new();
+                for kv in self.tree.scan_prefix([tag::TOMBSTONE]) {
+                    let (k, v) = kv.map_err(io)?;
+                    out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
+                }
+                Ok(Value::Tombstones(out))
             }
             Query::Tenant { tenant } => Ok(Value::Tenant(
                 self.get(&key(tag::TENANT, &[tenant.as_bytes()]))?,
