@@ -389,6 +389,9 @@ impl Objects {
         let keys = self.tenant_keys(tenant, None).await?;
         Ok(match &manifest.body {
             Body::Inline(sealed) => {
+                // Sealed maybe under a generation newer than `keys` knows.
+                let generation = crate::crypto::generation_of(sealed).map_err(sealed_err)?;
+                let keys = self.tenant_keys(tenant, Some(generation)).await?;
                 let plain = keys.open(Purpose::Inline, sealed).map_err(sealed_err)?;
                 let slice = Bytes::from(plain).slice(start as usize..end as usize);
                 futures::stream::once(async move { Ok(slice) }).boxed()
