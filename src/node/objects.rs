@@ -236,12 +236,12 @@ impl Objects {
     ) -> tokio::task::JoinHandle<Result<ChunkSpan>> {
         let (chunks, keys) = (self.chunks.clone(), keys.clone());
         tokio::spawn(async move {
+            let len = plain.len() as u64;
             let sealed = Bytes::from(keys.seal(Purpose::Chunk, &plain));
+            // Only the sealed copy waits for the replicas.
+            drop(plain);
             let id = chunks.replicate(sealed).await?;
-            Ok(ChunkSpan {
-                id,
-                len: plain.len() as u64,
-            })
+            Ok(ChunkSpan { id, len })
         })
     }
 
