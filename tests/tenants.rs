@@ -82,6 +82,92 @@ async fn tenants_own_their_names_and_revoked_keys_stop_working() {
         "NoSuchBucket",
         "another tenant's bucket looks missing"
     );
+    // Copies and multipart uploads across tenants fail like a missing
+    // bucket, both ways round, and change nothing of demo's.
+    let err = acme
+        .copy_object()
+        .bucket("backups")
+        .key("stolen")
+        .copy_source("demo/anything")
+        .send()
+        .await
+        .unwrap_err();
+    // A source the tenant cannot see answers as a missing one would.
+    assert!(
+        ["NoSuchBucket", "NoSuchKey"].contains(&code(&err).as_str()),
+        "{err:?}"
+    );
+    let err = acme
+        .copy_object()
+        .bucket("demo")
+        .key("planted")
+        .copy_source("backups/ledger")
+        .send()
+        .await
+        .unwrap_err();
+    // acme's own `backups` has no `ledger`; demo's `demo` is not acme's.
+    assert!(
+        ["NoSuchBucket", "NoSuchKey"].contains(&code(&err).as_str()),
+        "{err:?}"
+    );
+    let err = acme
+        .create_multipart_upload()
+        .bucket("demo")
+        .key("planted")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "NoSuchBucket");
+    let demo_upload = demo
+        .create_multipart_upload()
+        .bucket("demo")
+        .key("mine")
+        .send()
+        .await
+        .unwrap();
+    let err = acme
+        .upload_part()
+        .bucket("demo")
+        .key("mine")
+        .upload_id(demo_upload.upload_id().unwrap())
+        .part_number(1)
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "NoSuchBucket");
+    let err = acme
+        .list_multipart_uploads()
+        .bucket("demo")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "NoSuchBucket");
+    let err = acme
+        .delete_object()
+        .bucket("demo")
+        .key("mine")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "NoSuchBucket");
+    let uploads = demo
+        .list_multipart_uploads()
+        .bucket("demo")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploads.uploads().len(), 1, "demo's upload is untouched");
+    let ledger = demo
+        .get_object()
+        .bucket("backups")
+        .key("ledger")
+        .send()
+        .await
+        .unwrap();
+    let body = ledger.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.as_ref(), b"demo's");
+
     let acme_buckets: Vec<_> = acme
         .list_buckets()
         .send()
