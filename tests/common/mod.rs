@@ -13,7 +13,9 @@ use std::path::Path;
 /// A block of `n` consecutive free ports on loopback.
 pub fn free_ports(n: u16) -> u16 {
     for _ in 0..500 {
-        let base = 20_000 + (rand_u16() % 40_000);
+        // Below Linux's ephemeral range (32768 and up), so the cluster's
+        // own outgoing connections cannot take a port before it binds.
+        let base = 20_000 + (rand_u16() % 12_000);
         let held: Vec<_> = (base..base + n)
             .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
