@@ -113,7 +113,8 @@ impl Objects {
         Ok(states)
     }
 
-    async fn tenant_records(&self) -> Result<Vec<(String, TenantRecord)>> {
+    /// Every tenant's record, from the meta shard.
+    pub(crate) async fn tenant_records(&self) -> Result<Vec<(String, TenantRecord)>> {
         match self
             .chunks
             .host

@@ -335,13 +335,10 @@ impl Objects {
     /// byte is stored, so a bad request costs no chunk writes. The commit
     /// checks the quota again, atomically.
     pub async fn check_target(&self, target: &Target, declared_size: Option<u64>) -> Result<()> {
-        if let (Some(size), Some(limit)) = (
-            declared_size,
-            self.limit_for(&target.tenant, &target.bucket).await?,
-        ) {
-            let here = self.usage(&target.tenant, &target.bucket).await?;
-            if let Some(q) = limit.quota.bytes {
-                let stored = limit.elsewhere.bytes + here.bytes;
+        if let Some(size) = declared_size {
+            if let Some(q) = self.tenant_quota(&target.tenant).await?.bytes {
+                let usage = self.usage_by_bucket(&target.tenant).await?;
+                let stored: u64 = usage.iter().map(|(_, u)| u.bytes).sum();
                 if stored + size > q {
                     return Err(ShardError::QuotaExceeded(format!(
                         "the tenant's quota of {q} bytes would be exceeded: {stored} bytes stored, this request adds {size}"

@@ -85,15 +85,11 @@ impl Objects {
     }
 
     pub async fn list_tenants(&self) -> Result<Vec<(String, i64)>> {
-        match self
-            .chunks
-            .host
-            .query(ShardId::META, &Query::Tenants)
-            .await?
-        {
-            Value::Tenants(t) => Ok(t.into_iter().map(|(n, r)| (n, r.created_ms)).collect()),
-            v => Err(ShardError::Internal(format!("unexpected reply {v:?}"))),
-        }
+        let records = self.tenant_records().await?;
+        Ok(records
+            .into_iter()
+            .map(|(n, r)| (n, r.created_ms))
+            .collect())
     }
 
     /// Creates a key for an existing tenant and returns `(id, secret)`.
