@@ -19,12 +19,40 @@ pub enum Role {
 }
 
 impl Role {
+    const ALL: [Role; 3] = [Role::Node, Role::Gateway, Role::Admin];
+
     fn uri(self) -> &'static str {
         match self {
             Role::Node => "urn:lumbung:role:node",
             Role::Gateway => "urn:lumbung:role:gateway",
             Role::Admin => "urn:lumbung:role:admin",
         }
+    }
+
+    /// The role a DER certificate carries; `None` when it carries none, or
+    /// more than one (a certificate has exactly one job).
+    pub fn of_certificate(der: &[u8]) -> Option<Role> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        let mut roles = san.value.general_names.iter().filter_map(|n| match n {
+            GeneralName::URI(uri) => Role::ALL.into_iter().find(|r| r.uri() == *uri),
+            _ => None,
+        });
+        match (roles.next(), roles.next()) {
+            (Some(role), None) => Some(role),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Node => "node",
+            Role::Gateway => "gateway",
+            Role::Admin => "admin",
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //! nodes, gateways and the admin CLI call. It listens only on its internal
 //! address, and only peers with a certificate of the cluster CA get in.
 
+pub mod access;
 pub mod chunks;
 pub mod key_admin;
 pub mod keys;
@@ -100,6 +101,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .layer(access::RoleCheckLayer)
         .add_service(service);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
