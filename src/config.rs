@@ -152,6 +152,61 @@ pub struct GatewayConfig {
     pub tls: TlsFiles,
     /// Internal addresses of the nodes to route to.
     pub nodes: Vec<SocketAddr>,
+    /// What one client may ask of the gateway.
+    #[serde(default)]
+    pub limits: GatewayLimits,
+}
+
+/// The gateway's defences against clients that ask too much, too fast or
+/// too slowly. Every limit answers with the S3 error a client expects.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayLimits {
+    /// Requests per second one tenant may make (bursts of one second's
+    /// worth); above it: 503 SlowDown. 0 turns the limit off.
+    pub tenant_requests_per_sec: u32,
+    /// Requests per second from one client address, signed or not.
+    pub address_requests_per_sec: u32,
+    /// Open connections in all; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Open connections from one client address.
+    pub max_connections_per_address: usize,
+    /// Request line plus headers, in bytes (at least 8192); above it: 431.
+    pub max_header_bytes: usize,
+    /// The request target (path and query), in bytes; above it: 414.
+    pub max_uri_bytes: usize,
+    /// Largest body of one request; above it: 400 EntityTooLarge. S3's own
+    /// limit for one PUT (and one part) is 5 GiB.
+    pub max_body_bytes: u64,
+    /// How far a signed request's date may be from the gateway's clock;
+    /// beyond it: 403 RequestTimeTooSkewed.
+    pub max_clock_skew_secs: u32,
+    /// Longest a client may take for its TLS handshake, and to send a
+    /// request's headers (also the idle time of a kept-alive connection).
+    pub header_timeout_secs: u64,
+    /// A request body must bring at least this many bytes in every
+    /// `body_window_secs`; a client trickling slower is cut off with 400
+    /// RequestTimeout, so it cannot hold a worker.
+    pub min_body_bytes_per_window: u64,
+    pub body_window_secs: u64,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            tenant_requests_per_sec: 5_000,
+            address_requests_per_sec: 5_000,
+            max_connections: 10_000,
+            max_connections_per_address: 1_000,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 16 * 1024,
+            max_body_bytes: 5 << 30,
+            max_clock_skew_secs: 15 * 60,
+            header_timeout_secs: 30,
+            min_body_bytes_per_window: 16 * 1024,
+            body_window_secs: 10,
+        }
+    }
 }
 
 /// `lumbung admin --config FILE ...`.

@@ -184,6 +184,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         public_key: "gateway-public.key".into(),
         tls: issue(&ca, &dir, "gateway", &local_names, Role::Gateway)?,
         nodes: nodes.iter().map(|n| n.addr).collect(),
+        limits: Default::default(),
     };
     write_toml(
         &dir.join("gateway.toml"),

@@ -8,19 +8,27 @@
 //! stores nothing.
 
 pub mod auth;
+pub mod body;
+pub mod idle;
+pub mod limits;
 pub mod router;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, GatewayLimits};
 use crate::s3::S3Front;
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use body::{BodyRules, GuardedBody};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use idle::{IdleGuard, InFlight};
+use limits::{ConnectionSlots, RequestRates};
+use s3s::service::S3Service;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often idle rate-limit buckets are forgotten.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
 
 /// A gateway that is serving.
 pub struct RunningGateway {
@@ -36,15 +44,44 @@ impl RunningGateway {
     }
 }
 
+/// What every connection shares.
+struct Shared {
+    service: S3Service,
+    rates: Arc<RequestRates>,
+    limits: GatewayLimits,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
 /// Binds the public listener and serves S3 until stopped.
 pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
+    let limits = cfg.limits.clone();
+    anyhow::ensure!(
+        limits.max_header_bytes >= 8192,
+        "limits.max_header_bytes must be at least 8192"
+    );
+    anyhow::ensure!(
+        limits.body_window_secs > 0,
+        "limits.body_window_secs must be at least 1"
+    );
     let tls = crate::tls::public_server_config(&cfg.public_cert, &cfg.public_key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let router = Arc::new(router::NodeRouter::new(cfg.nodes.clone(), &cfg.tls)?);
     let keys = Arc::new(auth::KeyCache::new(router.clone()));
-    let mut builder = s3s::service::S3ServiceBuilder::new(S3Front::new(router, keys.clone()));
+    let rates = Arc::new(RequestRates::new(&limits));
+    let mut builder =
+        s3s::service::S3ServiceBuilder::new(S3Front::new(router, keys.clone(), rates.clone()));
     builder.set_auth(KeyCacheAuth(keys));
-    let service = Arc::new(builder.build());
+    let mut s3_config = s3s::config::S3Config::default();
+    s3_config.presigned_url_max_skew_time_secs = limits.max_clock_skew_secs;
+    builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(
+        Arc::new(s3_config),
+    )));
+    let slots = ConnectionSlots::new(&limits);
+    let shared = Arc::new(Shared {
+        service: builder.build(),
+        rates,
+        limits,
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+    });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -52,6 +89,7 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     let addr = listener.local_addr()?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let mut forget = tokio::time::interval(FORGET_IDLE_EVERY);
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -62,34 +100,22 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
                         continue;
                     }
                 },
+                _ = forget.tick() => {
+                    shared.rates.forget_idle();
+                    continue;
+                }
                 _ = stop_rx.changed() => break,
             };
+            let Some(slot) = slots.take(peer.ip()) else {
+                tracing::debug!(%peer, "connection refused: too many open");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let service = service.clone();
-            let mut stop = stop_rx.clone();
+            let shared = shared.clone();
+            let stop = stop_rx.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let svc = hyper::service::service_fn(move |req| {
-                    let service = service.clone();
-                    async move { hyper::service::Service::call(&*service, req).await }
-                });
-                let conn = auto::Builder::new(TokioExecutor::new());
-                let serve = conn.serve_connection(TokioIo::new(tls), svc);
-                tokio::select! {
-                    r = serve => if let Err(e) = r {
-                        tracing::debug!(%peer, "connection: {e}");
-                    },
-                    _ = stop.changed() => {}
-                }
+                serve_connection(tcp, peer.ip(), shared, stop).await;
+                drop(slot);
             });
         }
     });
@@ -99,6 +125,73 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         stop: stop_tx,
         task,
     })
+}
+
+/// One client connection: TLS, then HTTP/1.1 or HTTP/2 until it closes.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: IpAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let header_timeout = Duration::from_secs(shared.limits.header_timeout_secs);
+    let tls = match tokio::time::timeout(header_timeout, shared.tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut conn = auto::Builder::new(TokioExecutor::new());
+    conn.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(shared.limits.max_header_bytes);
+    conn.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
+    let in_flight = InFlight::new();
+    let io = IdleGuard::new(tls, header_timeout, in_flight.clone());
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let busy = in_flight.begin();
+        async move {
+            let response = handle(req, peer, &shared).await;
+            drop(busy);
+            response
+        }
+    });
+    let serve = conn.serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = serve => if let Err(e) = r {
+            tracing::debug!(%peer, "connection: {e}");
+        },
+        _ = stop.changed() => {}
+    }
+}
+
+/// One request: the limits that need no signature, then s3s.
+async fn handle(
+    req: http::Request<hyper::body::Incoming>,
+    peer: IpAddr,
+    shared: &Shared,
+) -> Result<s3s::HttpResponse, s3s::HttpError> {
+    let limits = &shared.limits;
+    let refused = shared
+        .rates
+        .check_address(peer)
+        .and_then(|()| limits::check_head(&req, limits));
+    if let Err(refusal) = refused {
+        return Ok(refusal.into_response());
+    }
+    let rules = BodyRules {
+        max_bytes: limits.max_body_bytes,
+        min_bytes: limits.min_body_bytes_per_window,
+        window: Duration::from_secs(limits.body_window_secs),
+    };
+    let req = req.map(|b| s3s::Body::http_body(GuardedBody::new(b, rules)));
+    shared.service.call(req).await
 }
 
 /// s3s wants to own its auth; share the cache with the S3 handlers.

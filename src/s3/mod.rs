@@ -12,6 +12,7 @@ mod object;
 mod put;
 
 use crate::gateway::auth::KeyCache;
+use crate::gateway::limits::RequestRates;
 use crate::gateway::router::NodeRouter;
 use crate::rpc::{error_of, NodeClient};
 use crate::shard::ShardError;
@@ -23,20 +24,27 @@ use std::sync::Arc;
 pub struct S3Front {
     router: Arc<NodeRouter>,
     keys: Arc<KeyCache>,
+    rates: Arc<RequestRates>,
 }
 
 impl S3Front {
-    pub fn new(router: Arc<NodeRouter>, keys: Arc<KeyCache>) -> S3Front {
-        S3Front { router, keys }
+    pub fn new(router: Arc<NodeRouter>, keys: Arc<KeyCache>, rates: Arc<RequestRates>) -> S3Front {
+        S3Front {
+            router,
+            keys,
+            rates,
+        }
     }
 
-    /// The tenant of the request's signer.
+    /// The tenant of the request's signer, if it is within its request rate.
     async fn tenant<T>(&self, req: &S3Request<T>) -> S3Result<String> {
         let creds = req
             .credentials
             .as_ref()
             .ok_or_else(|| s3_error!(AccessDenied, "Signature is required"))?;
-        Ok(self.keys.lookup(&creds.access_key).await?.tenant)
+        let tenant = self.keys.lookup(&creds.access_key).await?.tenant;
+        self.rates.check_tenant(&tenant)?;
+        Ok(tenant)
     }
 
     /// A client for some healthy node.

@@ -50,6 +50,11 @@ pub fn s3(env: &S3Env) -> Client {
 
 /// The same endpoint with other credentials.
 pub fn s3_with(env: &S3Env, access: &str, secret: &str) -> Client {
+    Client::from_conf(s3_config(env, access, secret).build())
+}
+
+/// The SDK configuration of [`s3_with`], for tests that change a setting.
+pub fn s3_config(env: &S3Env, access: &str, secret: &str) -> aws_sdk_s3::config::Builder {
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
     let pem = std::fs::read(&env.ca_cert).expect("CA readable");
     let tls_context = TlsContext::builder()
@@ -62,15 +67,13 @@ pub fn s3_with(env: &S3Env, access: &str, secret: &str) -> Client {
         ))
         .tls_context(tls_context)
         .build_https();
-    let config = aws_sdk_s3::Config::builder()
+    aws_sdk_s3::Config::builder()
         .behavior_version_latest()
         .endpoint_url(&env.endpoint)
         .region(Region::new(env.region.clone()))
         .credentials_provider(Credentials::new(access, secret, None, None, "test"))
         .force_path_style(true)
         .http_client(http)
-        .build();
-    Client::from_conf(config)
 }
 
 /// Deterministic pseudo-random bytes, different for each `seed`.
