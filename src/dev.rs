@@ -58,6 +58,8 @@ pub async fn start(opts: &DevOptions) -> anyhow::Result<DevCluster> {
             shards: opts.shards,
             replication: opts.replication,
             host: "127.0.0.1".parse()?,
+            node_hosts: vec![],
+            public_host: None,
             region: "us-east-1".into(),
         })?;
     }

@@ -73,9 +73,16 @@ enum AdminCommand {
         /// Replicas per shard (at least 2).
         #[arg(long, default_value_t = 3)]
         replication: usize,
-        /// Address all parts bind to.
+        /// Address all parts bind to, unless given below.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// One address per node, comma-separated, for nodes on their own
+        /// machines (each node's certificate names its address).
+        #[arg(long, value_delimiter = ',')]
+        node_hosts: Vec<std::net::IpAddr>,
+        /// The gateway's public address, when it differs from `--host`.
+        #[arg(long)]
+        public_host: Option<std::net::IpAddr>,
         /// Region name clients sign with.
         #[arg(long, default_value = "us-east-1")]
         region: String,
@@ -212,6 +219,8 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
             shards,
             replication,
             host,
+            node_hosts,
+            public_host,
             region,
         } => {
             let env = admin::init_cluster(&InitOptions {
@@ -221,6 +230,8 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
                 shards,
                 replication,
                 host,
+                node_hosts,
+                public_host,
                 region,
             })?;
             if json {

@@ -149,6 +149,8 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         shards: 8,
         replication: 3,
         host: "127.0.0.1".parse().unwrap(),
+        node_hosts: vec![],
+        public_host: None,
         region: "us-east-1".into(),
     })
     .unwrap();

@@ -29,6 +29,8 @@ fn init_strict_cluster(dir: &Path, base_port: u16) {
         shards: 4,
         replication: 3,
         host: "127.0.0.1".parse().unwrap(),
+        node_hosts: vec![],
+        public_host: None,
         region: "us-east-1".into(),
     })
     .unwrap();

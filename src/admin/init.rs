@@ -20,8 +20,14 @@ pub struct InitOptions {
     pub base_port: u16,
     pub shards: u32,
     pub replication: usize,
-    /// Address every part binds to (one machine) .
+    /// Address every part binds to, unless one below says otherwise.
     pub host: IpAddr,
+    /// One address per node, for nodes on their own machines; empty: all
+    /// on `host`. Each node's certificate names its own address.
+    pub node_hosts: Vec<IpAddr>,
+    /// Where the gateway listens for S3 clients, when not on `host` (a DMZ
+    /// gateway has one address facing clients and one facing the nodes).
+    pub public_host: Option<IpAddr>,
     pub region: String,
 }
 
@@ -106,6 +112,13 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
     if opts.shards < 2 {
         bail!("shards must be at least 2 (the meta shard and one data shard)");
     }
+    if !opts.node_hosts.is_empty() && opts.node_hosts.len() != opts.nodes {
+        bail!(
+            "{} node addresses given for {} nodes; give one per node or none",
+            opts.node_hosts.len(),
+            opts.nodes
+        );
+    }
     if usize::from(opts.base_port) + opts.nodes > usize::from(u16::MAX) {
         bail!(
             "base port {} leaves no room for {} nodes",
@@ -127,12 +140,19 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
     write_pem(&dir.join("ca.pem"), &ca.cert_pem(), false)?;
     write_pem(&dir.join("ca.key"), &ca.key_pem(), true)?;
 
-    let host = opts.host.to_string();
-    let local_names = vec![host.clone(), "localhost".to_string()];
+    let names_of = |host: IpAddr| vec![host.to_string(), "localhost".to_string()];
+    let local_names = names_of(opts.host);
+    let public_host = opts.public_host.unwrap_or(opts.host);
     let nodes: Vec<NodeEntry> = (1..=opts.nodes as u64)
         .map(|id| NodeEntry {
             id,
-            addr: SocketAddr::new(opts.host, opts.base_port + id as u16),
+            addr: SocketAddr::new(
+                opts.node_hosts
+                    .get(id as usize - 1)
+                    .copied()
+                    .unwrap_or(opts.host),
+                opts.base_port + id as u16,
+            ),
         })
         .collect();
     let cluster = ClusterSpec {
@@ -153,7 +173,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
     let master = crate::crypto::Key::random();
     for n in &nodes {
         let name = format!("node{}", n.id);
-        let tls = issue(&ca, &dir, &name, &local_names, Role::Node)?;
+        let tls = issue(&ca, &dir, &name, &names_of(n.addr.ip()), Role::Node)?;
         let master_key_file = PathBuf::from(format!("{name}.master.key"));
         MasterKeys::create(&dir.join(&master_key_file), &master)?;
         let cfg = NodeConfig {
@@ -174,11 +194,11 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         )?;
     }
 
-    let public = ca.issue("gateway-public", &local_names, Role::Gateway)?;
+    let public = ca.issue("gateway-public", &names_of(public_host), Role::Gateway)?;
     write_pem(&dir.join("gateway-public.pem"), &public.cert_pem, false)?;
     write_pem(&dir.join("gateway-public.key"), &public.key_pem, true)?;
     let gateway = GatewayConfig {
-        listen: SocketAddr::new(opts.host, opts.base_port),
+        listen: SocketAddr::new(public_host, opts.base_port),
         region: opts.region.clone(),
         public_cert: "gateway-public.pem".into(),
         public_key: "gateway-public.key".into(),
@@ -202,7 +222,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
     )?;
 
     let env = S3Env {
-        endpoint: format!("https://{}", fmt_host_port(opts.host, opts.base_port)),
+        endpoint: format!("https://{}", fmt_host_port(public_host, opts.base_port)),
         region: opts.region.clone(),
         access_key: bootstrap.access_key,
         secret_key: bootstrap.secret_key,

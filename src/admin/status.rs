@@ -35,6 +35,21 @@ pub struct ClusterView {
     pub shards: Vec<ShardView>,
 }
 
+/// A status's message and the chain of errors under it: "transport error"
+/// alone does not tell a refused certificate from a closed port.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.ends_with(&c_text) {
+            text.push_str(&format!(": {c_text}"));
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Asks every node for its status; unreachable nodes are shown as down.
 pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     let pool = Pool::new(&cfg.tls)?;
@@ -47,7 +62,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
             Ok(Ok(s)) => s.into_inner(),
             other => {
                 let error = match other {
-                    Ok(Err(s)) => s.message().to_string(),
+                    Ok(Err(s)) => with_causes(&s),
                     _ => "timed out".to_string(),
                 };
                 nodes.push(NodeView {

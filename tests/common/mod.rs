@@ -10,6 +10,17 @@ use lumbung::dev::{DevCluster, DevOptions};
 use std::net::TcpListener;
 use std::path::Path;
 
+/// Sends the cluster's logs to stderr when RUST_LOG is set, to debug a
+/// failing test; otherwise does nothing.
+pub fn log_if_asked() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 /// A block of `n` consecutive free ports on loopback.
 pub fn free_ports(n: u16) -> u16 {
     for _ in 0..500 {
