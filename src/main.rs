@@ -179,6 +179,38 @@ async fn wait_for_signal() {
     }
 }
 
+/// The signals a node or gateway process obeys, installed before it starts
+/// serving so that an early SIGHUP cannot end it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Runs until SIGTERM or Ctrl-C; on each SIGHUP calls `reload` (which
+    /// reads certificates again) and logs how it went.
+    async fn serve_until_stopped(mut self, reload: impl Fn() -> anyhow::Result<()>) {
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => match reload() {
+                    Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: certificates not reloaded, the old ones stay: {e:#}"),
+                },
+            }
+        }
+    }
+}
+
 async fn dev(data_dir: PathBuf, env_file: Option<PathBuf>, base_port: u16) -> anyhow::Result<()> {
     let opts = lumbung::dev::DevOptions::new(data_dir, base_port);
     eprintln!(
@@ -501,16 +533,20 @@ async fn main() {
 
 async fn run_node(path: PathBuf) -> anyhow::Result<()> {
     let cfg: NodeConfig = config::load(&path)?;
+    let signals = Signals::install()?;
     let node = lumbung::node::start(cfg).await?;
-    wait_for_signal().await;
+    signals
+        .serve_until_stopped(|| node.reload_certificates())
+        .await;
     node.stop().await;
     Ok(())
 }
 
 async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let cfg: GatewayConfig = config::load(&path)?;
+    let signals = Signals::install()?;
     let gw = lumbung::gateway::start(cfg).await?;
-    wait_for_signal().await;
+    signals.serve_until_stopped(|| gw.reload_certificates()).await;
     gw.stop().await;
     Ok(())
 }

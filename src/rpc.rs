@@ -21,35 +21,57 @@ pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Lazily connected, shared channels to nodes, by address.
 pub struct Pool {
-    ca: Vec<u8>,
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    clients: Mutex<HashMap<SocketAddr, NodeClient>>,
+    files: TlsFiles,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    /// The CA, our certificate and key (PEM), as last read.
+    pems: [Vec<u8>; 3],
+    clients: HashMap<SocketAddr, NodeClient>,
+}
+
+fn read_pems(tls: &TlsFiles) -> anyhow::Result<[Vec<u8>; 3]> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+    };
+    Ok([read(&tls.ca)?, read(&tls.cert)?, read(&tls.key)?])
 }
 
 impl Pool {
     pub fn new(tls: &TlsFiles) -> anyhow::Result<Pool> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
-        };
         Ok(Pool {
-            ca: read(&tls.ca)?,
-            cert: read(&tls.cert)?,
-            key: read(&tls.key)?,
-            clients: Mutex::new(HashMap::new()),
+            state: Mutex::new(PoolState {
+                pems: read_pems(tls)?,
+                clients: HashMap::new(),
+            }),
+            files: tls.clone(),
         })
+    }
+
+    /// Reads the certificate files again; channels opened from now on
+    /// present the new identity, while calls in flight finish on the old.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        // A bad pair is refused here rather than at the next connection.
+        crate::tls::read_identity(&self.files.cert, &self.files.key)?;
+        let pems = read_pems(&self.files)?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.pems = pems;
+        state.clients.clear();
+        Ok(())
     }
 
     /// A client for the node at `addr`; connects on first use and
     /// reconnects by itself after failures.
     pub fn client(&self, addr: SocketAddr) -> Result<NodeClient, ShardError> {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&addr) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = state.clients.get(&addr) {
             return Ok(c.clone());
         }
+        let [ca, cert, key] = &state.pems;
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
             .domain_name(addr.ip().to_string());
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .and_then(|e| e.tls_config(tls))
@@ -64,7 +86,7 @@ impl Pool {
         let client = NodeClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        clients.insert(addr, client.clone());
+        state.clients.insert(addr, client.clone());
         Ok(client)
     }
 }

@@ -7,8 +7,9 @@
 
 use anyhow::Context;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
-use std::path::Path;
-use std::sync::Arc;
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 /// What a certificate allows its holder to do inside the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,21 +134,73 @@ pub fn write_pem(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()
     Ok(())
 }
 
-/// The rustls server configuration of the public S3 listener.
-pub fn public_server_config(
-    cert_path: &Path,
-    key_path: &Path,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// A certificate chain and key read from files, which `reload` reads again
+/// (on SIGHUP) so a renewed certificate is served to every new connection
+/// without a restart; open connections keep the one they began with.
+#[derive(Debug)]
+pub struct ReloadableIdentity {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableIdentity {
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<ReloadableIdentity>> {
+        Ok(Arc::new(ReloadableIdentity {
+            current: RwLock::new(read_identity(cert, key)?),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        }))
+    }
+
+    /// Reads the files again; on any error the current identity stays.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let fresh = read_identity(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The certificate served now (DER), to tell identities apart.
+    pub fn certificate(&self) -> Vec<u8> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.cert[0].to_vec()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableIdentity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+pub(crate) fn read_identity(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
     let certs = rustls_pemfile::certs(&mut read(cert_path)?.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert_path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert_path.display());
     let key = rustls_pemfile::private_key(&mut read(key_path)?.as_slice())?
         .with_context(|| format!("no private key in {}", key_path.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .with_context(|| format!("unusable private key in {}", key_path.display()))?;
+    let identity = CertifiedKey::new(certs, signing);
+    identity
+        .keys_match()
+        .with_context(|| format!("{} does not belong to {}", key_path.display(), cert_path.display()))?;
+    Ok(Arc::new(identity))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls server configuration of the public S3 listener.
+pub fn public_server_config(
+    identity: Arc<ReloadableIdentity>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(identity);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -156,24 +209,23 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// tonic's server-side TLS: our identity, and client certificates required.
-pub fn rpc_server_tls(
-    files: &crate::config::TlsFiles,
-) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-        .client_ca_root(Certificate::from_pem(read(&files.ca)?)))
-}
-
-/// tonic's client-side TLS towards the node at `host`.
-pub fn rpc_client_tls(
-    files: &crate::config::TlsFiles,
-    host: &str,
-) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    Ok(ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&files.ca)?))
-        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
-        .domain_name(host))
+/// The node's internal listener: our identity, and a certificate of the
+/// cluster CA required from every peer (its role is checked per RPC).
+pub fn rpc_server_config(
+    ca: &Path,
+    identity: Arc<ReloadableIdentity>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
+        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(identity);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }

@@ -39,6 +39,24 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Whether a leader has purged log entries that node 3 never received.
+fn node3_needs_a_snapshot(cluster: &lumbung::dev::DevCluster) -> bool {
+    let shards = 8;
+    cluster.nodes.iter().flatten().any(|node| {
+        (0..shards).any(|s| {
+            let Some(raft) = node.host.raft(lumbung::types::ShardId(s)) else {
+                return false;
+            };
+            let m = raft.metrics().borrow().clone();
+            let (Some(purged), Some(replication)) = (m.purged, m.replication) else {
+                return false;
+            };
+            let matched = replication.get(&3).cloned().flatten();
+            matched.is_none_or(|l| l.index < purged.index)
+        })
+    })
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -182,6 +200,27 @@ async fn no_plaintext_of_content_or_metadata_reaches_any_disk() {
             .send()
             .await
             .unwrap();
+    }
+    // openraft purges a log only when no replication is using it, and the
+    // retries towards the stopped node 3 can hold it for a while. Keep
+    // writing until some shard has purged entries node 3 lacks, so it can
+    // only catch up from a snapshot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut extra = 0;
+    while !node3_needs_a_snapshot(&cluster) {
+        assert!(
+            Instant::now() < deadline,
+            "no shard purged its log behind node 3 in 60 s"
+        );
+        c.put_object()
+            .bucket("demo")
+            .key(format!("extra/{extra}"))
+            .body(ByteStream::from(marked(marker, 200)))
+            .send()
+            .await
+            .unwrap();
+        extra += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.restart_node(3).await.unwrap();
     let node3 = config::load::<NodeConfig>(&dir.join("node3.toml"))

@@ -20,10 +20,13 @@ pub struct InFlight(Arc<Mutex<(usize, Instant)>>);
 /// Held for as long as one request is being served.
 pub struct Busy(InFlight);
 
-impl InFlight {
-    pub fn new() -> InFlight {
+impl Default for InFlight {
+    fn default() -> InFlight {
         InFlight(Arc::new(Mutex::new((0, Instant::now()))))
     }
+}
+
+impl InFlight {
 
     pub fn begin(&self) -> Busy {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
@@ -157,7 +160,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_fails_after_the_idle_time() {
         let (_client, server) = tokio::io::duplex(64);
-        let mut guarded = IdleGuard::new(server, Duration::from_secs(5), InFlight::new());
+        let mut guarded = IdleGuard::new(server, Duration::from_secs(5), InFlight::default());
         let started = Instant::now();
         let err = guarded.read(&mut [0u8; 8]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -167,7 +170,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn traffic_and_requests_in_progress_keep_it_open() {
         let (mut client, server) = tokio::io::duplex(64);
-        let in_flight = InFlight::new();
+        let in_flight = InFlight::default();
         let mut guarded = IdleGuard::new(server, Duration::from_secs(5), in_flight.clone());
         let started = Instant::now();
         tokio::spawn(async move {

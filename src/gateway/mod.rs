@@ -15,6 +15,7 @@ pub mod router;
 
 use crate::config::{GatewayConfig, GatewayLimits};
 use crate::s3::S3Front;
+use crate::tls::ReloadableIdentity;
 use anyhow::Context;
 use body::{BodyRules, GuardedBody};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,9 +36,24 @@ pub struct RunningGateway {
     pub addr: std::net::SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The public certificate, and the internal identity (in the router).
+    identity: Arc<ReloadableIdentity>,
+    router: Arc<router::NodeRouter>,
 }
 
 impl RunningGateway {
+    /// Reads both certificates again (SIGHUP): the public one for new
+    /// client connections, the internal one for new connections to nodes.
+    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+        self.identity.reload()?;
+        self.router.reload()
+    }
+
+    /// The public certificate served now (DER).
+    pub fn certificate(&self) -> Vec<u8> {
+        self.identity.certificate()
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -63,12 +79,16 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         limits.body_window_secs > 0,
         "limits.body_window_secs must be at least 1"
     );
-    let tls = crate::tls::public_server_config(&cfg.public_cert, &cfg.public_key)?;
+    let identity = ReloadableIdentity::load(&cfg.public_cert, &cfg.public_key)?;
+    let tls = crate::tls::public_server_config(identity.clone())?;
     let router = Arc::new(router::NodeRouter::new(cfg.nodes.clone(), &cfg.tls)?);
     let keys = Arc::new(auth::KeyCache::new(router.clone()));
     let rates = Arc::new(RequestRates::new(&limits));
-    let mut builder =
-        s3s::service::S3ServiceBuilder::new(S3Front::new(router, keys.clone(), rates.clone()));
+    let mut builder = s3s::service::S3ServiceBuilder::new(S3Front::new(
+        router.clone(),
+        keys.clone(),
+        rates.clone(),
+    ));
     builder.set_auth(KeyCacheAuth(keys));
     let mut s3_config = s3s::config::S3Config::default();
     s3_config.presigned_url_max_skew_time_secs = limits.max_clock_skew_secs;
@@ -124,6 +144,8 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
         addr,
         stop: stop_tx,
         task,
+        identity,
+        router,
     })
 }
 
@@ -151,7 +173,7 @@ async fn serve_connection(
     conn.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX));
-    let in_flight = InFlight::new();
+    let in_flight = InFlight::default();
     let io = IdleGuard::new(tls, header_timeout, in_flight.clone());
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();

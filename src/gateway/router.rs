@@ -60,6 +60,11 @@ impl NodeRouter {
         benched[i] = Some(Instant::now() + PENALTY);
     }
 
+    /// Reads the internal certificate again for connections opened from now.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        self.pool.reload()
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -6,6 +6,7 @@ pub mod access;
 pub mod chunks;
 pub mod key_admin;
 pub mod keys;
+pub mod listener;
 pub mod objects;
 pub mod service;
 pub mod tenants;
@@ -16,6 +17,7 @@ use crate::crypto::master::MasterKeys;
 use crate::crypto::tenant_keys::wrap_dek;
 use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
+use crate::tls::ReloadableIdentity;
 use crate::shard::command::AccessKey;
 use crate::shard::{Command, ShardError, ShardHost};
 use crate::types::{now_ms, ShardId};
@@ -32,17 +34,37 @@ pub struct RunningNode {
     pub objects: Objects,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
+    /// Accepts connections; owns the listening socket.
+    accept: tokio::task::JoinHandle<()>,
     /// Background tasks that hold the node's storage; stopped with it so
     /// the database is released.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// The certificate the node serves and the one it presents to peers.
+    identity: Arc<ReloadableIdentity>,
+    pool: Arc<Pool>,
 }
 
 impl RunningNode {
+    /// Reads the node's certificate and key again (SIGHUP): new connections,
+    /// in and out, use them; open ones carry on.
+    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+        self.identity.reload()?;
+        self.pool.reload()
+    }
+
+    /// The certificate the node serves now (DER).
+    pub fn certificate(&self) -> Vec<u8> {
+        self.identity.certificate()
+    }
+
     /// Stops serving and shuts every Raft down.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        // The port is free once the accept task is gone.
+        self.accept.abort();
+        let _ = (&mut self.accept).await;
         let _ = (&mut self.server).await;
         for task in &self.background {
             task.abort();
@@ -64,6 +86,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let master = Arc::new(MasterKeys::load(&cfg.master_key_file)?);
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
+    let identity = ReloadableIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
     let (named_tx, named_rx) = mpsc::unbounded_channel();
     let host = Arc::new(
         ShardHost::start(
@@ -72,7 +95,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             &cfg.raft,
             &db,
             &cfg.data_dir,
-            pool,
+            pool.clone(),
             named_tx,
         )
         .await?,
@@ -95,16 +118,17 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
+    let (incoming, accept) = listener::tls_incoming(
+        listener,
+        crate::tls::rpc_server_config(&cfg.tls.ca, identity.clone())?,
+    );
     let router = tonic::transport::Server::builder()
-        .tls_config(crate::tls::rpc_server_tls(&cfg.tls)?)?
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .layer(access::RoleCheckLayer)
         .add_service(service);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, async {
@@ -126,7 +150,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         objects,
         stop: Some(stop_tx),
         server,
+        accept,
         background,
+        identity,
+        pool,
     })
 }
 
