@@ -273,10 +273,14 @@ async fn no_plaintext_of_content_or_metadata_reaches_any_disk() {
     let mut searched = 0u64;
     let mut snapshot_files = 0;
     for path in &files {
-        // sled's flusher may still be retiring a temporary file of its own
-        // while the last handle to the stopped database drops.
+        // A file listed a moment ago may be gone: a stopped node's last
+        // handles (sled's flusher, a snapshot task) can still be retiring
+        // temporary files. What is gone holds nothing.
         let data = match std::fs::read(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("vanished while searching: {}", path.display());
+                continue;
+            }
             r => r.unwrap(),
         };
         searched += data.len() as u64;
