@@ -27,7 +27,7 @@ port=$(python3 -c 'import random; print(random.randint(20000, 60000))')
 target/release/lumbung admin init-cluster --nodes 3 --dir "$work/cluster" --base-port "$port" >/dev/null
 # One load tool on one address is the whole workload here: measure the
 # cluster, not the gateway's per-client rate limits.
-sed -i -E 's/^(tenant|address)_requests_per_sec = .*/\1_requests_per_sec = 0/' "$work/cluster/gateway.toml"
+sed -i -E 's/^(tenant_requests|address_requests|address_connections)_per_sec = .*/\1_per_sec = 0/' "$work/cluster/gateway.toml"
 for i in 1 2 3; do
   RUST_LOG=warn,openraft=error target/release/lumbung node --config "$work/cluster/node$i.toml" 2>"$work/node$i.log" &
   pids+=($!)

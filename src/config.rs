@@ -167,6 +167,9 @@ pub struct GatewayLimits {
     pub tenant_requests_per_sec: u32,
     /// Requests per second from one client address, signed or not.
     pub address_requests_per_sec: u32,
+    /// New connections per second from one client address; more are
+    /// closed before their TLS handshake, the costly part of a flood.
+    pub address_connections_per_sec: u32,
     /// Open connections in all; more are closed as they arrive.
     pub max_connections: usize,
     /// Open connections from one client address.
@@ -196,6 +199,7 @@ impl Default for GatewayLimits {
         GatewayLimits {
             tenant_requests_per_sec: 5_000,
             address_requests_per_sec: 5_000,
+            address_connections_per_sec: 200,
             max_connections: 10_000,
             max_connections_per_address: 1_000,
             max_header_bytes: 64 * 1024,

@@ -211,14 +211,23 @@ async fn exchange(env: &S3Env, request: &[u8]) -> Option<String> {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(env.endpoint.trim_start_matches("https://"))
-        .await
-        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut attempts = 0;
+    let mut tls = loop {
+        // The gateway closes connections beyond its per-address rate.
+        let tcp = tokio::net::TcpStream::connect(env.endpoint.trim_start_matches("https://"))
+            .await
+            .unwrap();
+        match connector.connect(name.clone(), tcp).await {
+            Ok(tls) => break tls,
+            Err(_) if attempts < 50 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no TLS connection: {e}"),
+        }
+    };
     if tls.write_all(request).await.is_err() {
         return Some(String::new());
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 pub struct RequestRates {
     tenants: Option<DefaultKeyedRateLimiter<String>>,
     addresses: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    connections: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
 fn keyed<K: std::hash::Hash + Eq + Clone>(per_sec: u32) -> Option<DefaultKeyedRateLimiter<K>> {
@@ -28,7 +29,16 @@ impl RequestRates {
         RequestRates {
             tenants: keyed(limits.tenant_requests_per_sec),
             addresses: keyed(limits.address_requests_per_sec),
+            connections: keyed(limits.address_connections_per_sec),
         }
+    }
+
+    /// Takes a token for a new connection from `addr`; `false` means close
+    /// it before spending a TLS handshake on it.
+    pub fn admit_connection(&self, addr: IpAddr) -> bool {
+        self.connections
+            .as_ref()
+            .is_none_or(|l| l.check_key(&addr).is_ok())
     }
 
     /// Takes a token for a request from `addr`, before it is authenticated.
@@ -61,7 +71,7 @@ impl RequestRates {
             l.retain_recent();
             l.shrink_to_fit();
         }
-        if let Some(l) = &self.addresses {
+        for l in [&self.addresses, &self.connections].into_iter().flatten() {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -205,6 +215,7 @@ mod tests {
             max_connections_per_address: 2,
             tenant_requests_per_sec: 2,
             address_requests_per_sec: 3,
+            address_connections_per_sec: 2,
             ..Default::default()
         }
     }
@@ -239,6 +250,8 @@ mod tests {
         let err = rates.check_tenant("a").unwrap_err();
         assert_eq!(err.code(), &s3s::S3ErrorCode::SlowDown);
         rates.check_tenant("b").unwrap();
+        assert!(rates.admit_connection(addr) && rates.admit_connection(addr));
+        assert!(!rates.admit_connection(addr), "two new connections a second");
     }
 
     #[test]

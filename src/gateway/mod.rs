@@ -126,6 +126,10 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
                 }
                 _ = stop_rx.changed() => break,
             };
+            if !shared.rates.admit_connection(peer.ip()) {
+                tracing::debug!(%peer, "connection refused: too many new connections");
+                continue;
+            }
             let Some(slot) = slots.take(peer.ip()) else {
                 tracing::debug!(%peer, "connection refused: too many open");
                 continue;
