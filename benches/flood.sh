@@ -37,8 +37,8 @@ flood=(target/release/deps/$(basename "$(ls -t target/release/deps/flood-* | gre
 echo "== flood --mode victim --seconds $secs  (alone)"
 alone=$("${flood[@]}" --env-file "$work/cluster/s3.env" --mode victim --label alone --seconds "$secs")
 echo "$alone"
-echo "== nice -n 19 flood --mode flood --flood-from 127.0.0.2  (the attacker's CPU is not the cluster's)"
-nice -n 19 "${flood[@]}" --env-file "$work/cluster/s3.env" --mode flood --seconds $((secs + 4)) &
+echo "== nice -n ${ATTACKER_NICE:-19} flood --mode flood --flood-from 127.0.0.2  (a real attacker does not share our CPU)"
+nice -n "${ATTACKER_NICE:-19}" "${flood[@]}" --env-file "$work/cluster/s3.env" --mode flood --seconds $((secs + 4)) &
 attacker=$!
 sleep 2
 echo "== flood --mode victim --seconds $secs  (during the flood)"
