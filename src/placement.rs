@@ -22,11 +22,7 @@ impl Layout {
     /// The shard holding the object index of `bucket` of `tenant`. Never the
     /// meta shard, so object traffic does not queue behind tenant changes.
     pub fn shard_for_bucket(&self, tenant: &str, bucket: &str) -> ShardId {
-        let mut h = blake3::Hasher::new();
-        h.update(tenant.as_bytes());
-        h.update(&[0]);
-        h.update(bucket.as_bytes());
-        self.data_shard(h.finalize().as_bytes())
+        bucket_shard(self.shards, tenant, bucket)
     }
 
     /// The shard recording a chunk; spreads one object's chunks over all nodes.
@@ -35,9 +31,7 @@ impl Layout {
     }
 
     fn data_shard(&self, hash: &[u8; 32]) -> ShardId {
-        let n = u64::from_le_bytes(hash[..8].try_into().unwrap_or_default());
-        let data_shards = u64::from(self.shards.max(2) - 1);
-        ShardId(1 + (n % data_shards) as u32)
+        data_shard(self.shards, hash)
     }
 
     /// The nodes holding `shard`: `replication` consecutive nodes starting at
@@ -58,6 +52,23 @@ impl Layout {
             .filter(|s| self.replicas(*s).contains(&node))
             .collect()
     }
+}
+
+/// The shard holding a bucket's index among `shards` shards; what
+/// [`Layout::shard_for_bucket`] answers, for a gateway that knows only the
+/// shard count.
+pub fn bucket_shard(shards: u32, tenant: &str, bucket: &str) -> ShardId {
+    let mut h = blake3::Hasher::new();
+    h.update(tenant.as_bytes());
+    h.update(&[0]);
+    h.update(bucket.as_bytes());
+    data_shard(shards, h.finalize().as_bytes())
+}
+
+fn data_shard(shards: u32, hash: &[u8; 32]) -> ShardId {
+    let n = u64::from_le_bytes(hash[..8].try_into().unwrap_or_default());
+    let data_shards = u64::from(shards.max(2) - 1);
+    ShardId(1 + (n % data_shards) as u32)
 }
 
 #[cfg(test)]

@@ -29,10 +29,27 @@ pub struct ShardView {
     pub last_applied: u64,
 }
 
+/// What one gateway sees of one node: its routing and steering input.
+#[derive(Serialize)]
+pub struct GatewayNodeView {
+    pub gateway: String,
+    pub node: String,
+    pub node_id: u64,
+    /// "ok", "slow" (work goes elsewhere while others are faster) or
+    /// "failing" (passed over for a few seconds).
+    pub state: String,
+    pub latency_ms: f64,
+    pub error_rate: f64,
+    pub calls: u64,
+    /// Shards this gateway sends to that node as their leader.
+    pub leads: u32,
+}
+
 #[derive(Serialize)]
 pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     pub shards: Vec<ShardView>,
+    pub gateways: Vec<GatewayNodeView>,
 }
 
 /// A status's message and the chain of errors under it: "transport error"
@@ -55,6 +72,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     let pool = Pool::new(&cfg.tls)?;
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<u32, ShardView> = BTreeMap::new();
+    let mut gateways: BTreeMap<String, Vec<pb::NodeHealth>> = BTreeMap::new();
     for addr in &cfg.nodes {
         let mut client = pool.client(*addr)?;
         let reply = tokio::time::timeout(Duration::from_secs(3), client.status(pb::Empty {})).await;
@@ -79,6 +97,11 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                 continue;
             }
         };
+        for g in &status.gateways {
+            gateways
+                .entry(g.gateway.clone())
+                .or_insert_with(|| g.nodes.clone());
+        }
         let leads = status
             .shards
             .iter()
@@ -109,9 +132,25 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
             leads,
         });
     }
+    let gateways = gateways
+        .into_iter()
+        .flat_map(|(gateway, seen)| {
+            seen.into_iter().map(move |n| GatewayNodeView {
+                gateway: gateway.clone(),
+                node: n.addr,
+                node_id: n.node_id,
+                state: n.state,
+                latency_ms: n.latency_ms,
+                error_rate: n.error_rate,
+                calls: n.calls,
+                leads: n.leads,
+            })
+        })
+        .collect();
     Ok(ClusterView {
         nodes,
         shards: shards.into_values().collect(),
+        gateways,
     })
 }
 
@@ -168,6 +207,24 @@ pub fn render(view: &ClusterView) -> String {
             voters.join(","),
             s.last_applied
         ));
+    }
+    if !view.gateways.is_empty() {
+        out.push_str(&format!(
+            "\nas the gateways see the nodes\n{:<22} {:<22} {:<8} {:>10} {:>7} {:>6} {:>9}\n",
+            "GATEWAY", "NODE", "STATE", "LATENCY", "ERRORS", "LEADS", "CALLS"
+        ));
+        for g in &view.gateways {
+            out.push_str(&format!(
+                "{:<22} {:<22} {:<8} {:>8.1}ms {:>6.0}% {:>6} {:>9}\n",
+                g.gateway,
+                g.node,
+                g.state,
+                g.latency_ms,
+                g.error_rate * 100.0,
+                g.leads,
+                g.calls
+            ));
+        }
     }
     out
 }

@@ -36,6 +36,8 @@ pub struct RunningGateway {
     pub addr: std::net::SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Refreshes the routing table and reports this gateway's view.
+    routing: tokio::task::JoinHandle<()>,
     /// The public certificate, and the internal identity (in the router).
     identity: Arc<ReloadableIdentity>,
     router: Arc<router::NodeRouter>,
@@ -55,8 +57,14 @@ impl RunningGateway {
     }
 
     pub async fn stop(self) {
+        self.routing.abort();
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+
+    /// What this gateway sees of each node.
+    pub fn node_view(&self) -> Vec<crate::rpc::pb::NodeHealth> {
+        self.router.view()
     }
 }
 
@@ -143,14 +151,41 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
             });
         }
     });
+    let routing = tokio::spawn(keep_routes(router.clone(), addr.to_string()));
     tracing::info!(%addr, "gateway serving S3 over TLS");
     Ok(RunningGateway {
         addr,
         stop: stop_tx,
         task,
+        routing,
         identity,
         router,
     })
+}
+
+/// Refreshes the routing table every [`router::REFRESH`], and every few
+/// refreshes tells each node what this gateway sees, for `admin status`.
+async fn keep_routes(router: Arc<router::NodeRouter>, name: String) {
+    const REPORT_EVERY: u32 = 5;
+    let mut tick = tokio::time::interval(router::REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0u32.. {
+        tick.tick().await;
+        router.refresh().await;
+        if round % REPORT_EVERY == 0 {
+            let view = crate::rpc::pb::GatewayView {
+                gateway: name.clone(),
+                nodes: router.view(),
+            };
+            let reports = router.all().into_iter().map(|mut c| {
+                let view = view.clone();
+                async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), c.report_view(view)).await;
+                }
+            });
+            futures::future::join_all(reports).await;
+        }
+    }
 }
 
 /// One client connection: TLS, then HTTP/1.1 or HTTP/2 until it closes.

@@ -1,11 +1,20 @@
 //! Which node a gateway sends a request to.
 //!
-//! Any node can coordinate any request (it forwards to shard leaders
-//! itself), so the gateway spreads requests round-robin and skips a node
-//! whose last call failed at the transport level, for a short while.
+//! Any node can coordinate any request, but the leader of the request's
+//! shard does it without an internal hop. So the gateway keeps a routing
+//! table (shard → leader, asked of every node each second) and sends a
+//! bucket's requests to its index shard's leader.
+//!
+//! It also measures every node: latency and failures, as moving averages
+//! of real calls and of those once-a-second probes. A node whose call
+//! failed is passed over for a while; a node much slower than the fastest
+//! is used only when no other is left. The probes go on measuring both, so
+//! a node that recovers gets its work back within seconds.
 
 use crate::config::TlsFiles;
-use crate::rpc::{NodeClient, Pool};
+use crate::placement::bucket_shard;
+use crate::rpc::{pb, NodeClient, Pool};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -13,13 +22,112 @@ use std::time::{Duration, Instant};
 
 /// How long a node that failed is passed over.
 const PENALTY: Duration = Duration::from_secs(3);
+/// How often the routing table is refreshed and every node probed.
+pub const REFRESH: Duration = Duration::from_secs(1);
+/// How long a probe may take before it counts as a failure.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Weight of a new sample in the moving averages.
+const ALPHA: f64 = 0.5;
+/// A node this many times slower than the fastest is avoided...
+const SLOW_FACTOR: f64 = 3.0;
+/// ...once it is also slower than this, so jitter among fast nodes is no
+/// reason to move work.
+const SLOW_FLOOR_MS: f64 = 25.0;
+
+/// What the gateway knows of one node.
+#[derive(Clone, Debug, Default)]
+struct Health {
+    id: u64,
+    latency_ms: Option<f64>,
+    error_rate: f64,
+    benched_until: Option<Instant>,
+    calls: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    health: Vec<Health>,
+    /// Shard count, once a node has told it (0 before).
+    shards: u32,
+    /// Shard → (index of its leader's node, term of that leadership).
+    leaders: HashMap<u32, (usize, u64)>,
+}
+
+/// How a node stands, in [`NodeRouter::view`] and `admin status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    Ok,
+    Slow,
+    Failing,
+}
+
+impl Standing {
+    fn as_str(self) -> &'static str {
+        match self {
+            Standing::Ok => "ok",
+            Standing::Slow => "slow",
+            Standing::Failing => "failing",
+        }
+    }
+}
+
+impl Table {
+    fn standings(&self, now: Instant) -> Vec<Standing> {
+        let fastest = self
+            .health
+            .iter()
+            .filter(|h| h.benched_until.is_none_or(|t| t <= now))
+            .filter_map(|h| h.latency_ms)
+            .fold(f64::INFINITY, f64::min);
+        self.health
+            .iter()
+            .map(|h| {
+                if h.benched_until.is_some_and(|t| t > now) {
+                    Standing::Failing
+                } else if h
+                    .latency_ms
+                    .is_some_and(|l| l > SLOW_FLOOR_MS && l > SLOW_FACTOR * fastest)
+                {
+                    Standing::Slow
+                } else {
+                    Standing::Ok
+                }
+            })
+            .collect()
+    }
+
+    /// The nodes to spread work over now: the ok ones, else the slow ones,
+    /// else all (a request must go somewhere).
+    fn candidates(&self, now: Instant) -> Vec<usize> {
+        let standings = self.standings(now);
+        for wanted in [Standing::Ok, Standing::Slow] {
+            let c: Vec<usize> = (0..standings.len())
+                .filter(|&i| standings[i] == wanted)
+                .collect();
+            if !c.is_empty() {
+                return c;
+            }
+        }
+        (0..standings.len()).collect()
+    }
+
+    fn sample(&mut self, i: usize, latency: Option<Duration>) {
+        let h = &mut self.health[i];
+        h.calls += 1;
+        let failed = if latency.is_some() { 0.0 } else { 1.0 };
+        h.error_rate = (1.0 - ALPHA) * h.error_rate + ALPHA * failed;
+        if let Some(l) = latency {
+            let ms = l.as_secs_f64() * 1000.0;
+            h.latency_ms = Some(h.latency_ms.map_or(ms, |old| (1.0 - ALPHA) * old + ALPHA * ms));
+        }
+    }
+}
 
 pub struct NodeRouter {
     nodes: Vec<SocketAddr>,
     pool: Pool,
     next: AtomicUsize,
-    /// When each node may be tried again after a transport failure.
-    benched: Mutex<Vec<Option<Instant>>>,
+    table: Mutex<Table>,
 }
 
 impl NodeRouter {
@@ -29,24 +137,21 @@ impl NodeRouter {
             "the gateway needs at least one node address"
         );
         Ok(NodeRouter {
-            benched: Mutex::new(vec![None; nodes.len()]),
+            table: Mutex::new(Table {
+                health: vec![Health::default(); nodes.len()],
+                ..Default::default()
+            }),
             nodes,
             pool: Pool::new(tls)?,
             next: AtomicUsize::new(0),
         })
     }
 
-    /// The next healthy node's index and client.
-    pub fn pick(&self) -> (usize, NodeClient) {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let benched = self.benched.lock().unwrap_or_else(|e| e.into_inner());
-        let n = self.nodes.len();
-        let i = (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| benched[i].is_none_or(|until| until <= now))
-            .unwrap_or(start % n);
-        drop(benched);
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn client(&self, i: usize) -> (usize, NodeClient) {
         let client = self
             .pool
             .client(self.nodes[i])
@@ -54,10 +159,120 @@ impl NodeRouter {
         (i, client)
     }
 
+    /// A node for a request that concerns no bucket in particular: the
+    /// usable nodes in turn.
+    pub fn pick(&self) -> (usize, NodeClient) {
+        let candidates = self.table().candidates(Instant::now());
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.client(candidates[turn % candidates.len()])
+    }
+
+    /// The node for a request on `bucket` of `tenant`: the leader of the
+    /// bucket's shard when it is usable, else as [`pick`](Self::pick).
+    pub fn pick_for_bucket(&self, tenant: &str, bucket: &str) -> (usize, NodeClient) {
+        let leader = {
+            let table = self.table();
+            if table.shards == 0 {
+                None
+            } else {
+                let shard = bucket_shard(table.shards, tenant, bucket).0;
+                table
+                    .leaders
+                    .get(&shard)
+                    .map(|&(i, _)| i)
+                    .filter(|i| table.candidates(Instant::now()).contains(i))
+            }
+        };
+        match leader {
+            Some(i) => self.client(i),
+            None => self.pick(),
+        }
+    }
+
+    /// Records how a call to node `i` went: its latency, or `None` when it
+    /// failed in transport (which also passes the node over for a while).
+    pub fn record(&self, i: usize, latency: Option<Duration>) {
+        let mut table = self.table();
+        table.sample(i, latency);
+        if latency.is_none() {
+            table.health[i].benched_until = Some(Instant::now() + PENALTY);
+        }
+    }
+
     /// Marks node `i` as failing so the next calls go elsewhere.
     pub fn report_failure(&self, i: usize) {
-        let mut benched = self.benched.lock().unwrap_or_else(|e| e.into_inner());
-        benched[i] = Some(Instant::now() + PENALTY);
+        self.record(i, None);
+    }
+
+    /// Asks every node for its routes, measuring each as it answers, and
+    /// takes the highest-term leader claim for each shard.
+    pub async fn refresh(&self) {
+        let probes = (0..self.nodes.len()).map(|i| async move {
+            let (_, mut client) = self.client(i);
+            let started = Instant::now();
+            let reply = tokio::time::timeout(PROBE_TIMEOUT, client.routes(pb::Empty {})).await;
+            (i, started.elapsed(), reply)
+        });
+        let results = futures::future::join_all(probes).await;
+        let mut table = self.table();
+        let mut claims = Vec::new();
+        for (i, elapsed, reply) in results {
+            let Ok(Ok(routes)) = reply else {
+                table.sample(i, None);
+                table.health[i].benched_until = Some(Instant::now() + PENALTY);
+                continue;
+            };
+            table.sample(i, Some(elapsed));
+            let routes = routes.into_inner();
+            table.health[i].id = routes.node_id;
+            table.shards = routes.shards;
+            claims.extend(routes.leaders);
+        }
+        // Leaders are named by node id: the address a gateway uses for a
+        // node (through a NAT or a proxy) may not be the node's own.
+        let index_of: HashMap<u64, usize> = table
+            .health
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.id != 0)
+            .map(|(i, h)| (h.id, i))
+            .collect();
+        let mut leaders: HashMap<u32, (usize, u64)> = HashMap::new();
+        for claim in claims {
+            let Some(&node) = index_of.get(&claim.leader) else {
+                continue;
+            };
+            let known = leaders.entry(claim.shard).or_insert((node, claim.term));
+            if claim.term > known.1 {
+                *known = (node, claim.term);
+            }
+        }
+        table.leaders = leaders;
+    }
+
+    /// What the gateway sees of each node, for `admin status`.
+    pub fn view(&self) -> Vec<pb::NodeHealth> {
+        let table = self.table();
+        let standings = table.standings(Instant::now());
+        table
+            .health
+            .iter()
+            .enumerate()
+            .map(|(i, h)| pb::NodeHealth {
+                addr: self.nodes[i].to_string(),
+                node_id: h.id,
+                latency_ms: h.latency_ms.unwrap_or(0.0),
+                error_rate: h.error_rate,
+                state: standings[i].as_str().into(),
+                calls: h.calls,
+                leads: table.leaders.values().filter(|(n, _)| *n == i).count() as u32,
+            })
+            .collect()
+    }
+
+    /// Clients of every node, for messages each must get.
+    pub fn all(&self) -> Vec<NodeClient> {
+        (0..self.nodes.len()).map(|i| self.client(i).1).collect()
     }
 
     /// Reads the internal certificate again for connections opened from now.
@@ -71,5 +286,56 @@ impl NodeRouter {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(latencies: &[f64]) -> Table {
+        Table {
+            health: latencies
+                .iter()
+                .map(|&l| Health {
+                    latency_ms: Some(l),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_much_slower_than_the_fastest_is_avoided() {
+        let now = Instant::now();
+        assert_eq!(table(&[2.0, 3.0, 300.0]).candidates(now), vec![0, 1]);
+        // Jitter among fast nodes moves nothing.
+        assert_eq!(table(&[1.0, 4.0, 20.0]).candidates(now), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn failing_nodes_are_passed_over_until_their_penalty_ends() {
+        let now = Instant::now();
+        let mut t = table(&[2.0, 2.0, 2.0]);
+        t.health[1].benched_until = Some(now + PENALTY);
+        assert_eq!(t.candidates(now), vec![0, 2]);
+        assert_eq!(t.candidates(now + PENALTY), vec![0, 1, 2]);
+        // With every node failing, work still goes somewhere.
+        for h in &mut t.health {
+            h.benched_until = Some(now + PENALTY);
+        }
+        assert_eq!(t.candidates(now), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_recovered_node_comes_back_as_samples_arrive() {
+        let now = Instant::now();
+        let mut t = table(&[2.0, 2.0, 300.0]);
+        assert_eq!(t.candidates(now), vec![0, 1]);
+        for _ in 0..15 {
+            t.sample(2, Some(Duration::from_millis(2)));
+        }
+        assert_eq!(t.candidates(now), vec![0, 1, 2]);
     }
 }

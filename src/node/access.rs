@@ -19,7 +19,7 @@ pub fn role_for(method: &str) -> Option<Role> {
         "LookupAccessKey" | "ListBuckets" | "CreateBucket" | "DeleteBucket" | "HeadBucket"
         | "PutObject" | "GetObject" | "HeadObject" | "DeleteObject" | "CopyObject"
         | "ListObjects" | "CreateUpload" | "CompleteUpload" | "AbortUpload" | "ListParts"
-        | "ListUploads" => Role::Gateway,
+        | "ListUploads" | "Routes" | "ReportView" => Role::Gateway,
         "Status" | "CreateTenant" | "ListTenants" | "ShowTenant" | "SetQuota"
         | "RotateTenantKey" | "DeleteTenant" | "RotateMasterKey" | "CreateAccessKey"
         | "ListAccessKeys" | "RevokeAccessKey" => Role::Admin,

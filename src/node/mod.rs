@@ -113,9 +113,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let service = pb::node_server::NodeServer::new(service::NodeService {
-        objects: objects.clone(),
-    })
+    let service = pb::node_server::NodeServer::new(service::NodeService::new(objects.clone()))
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
     let (incoming, accept) = listener::tls_incoming(

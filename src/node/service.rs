@@ -10,15 +10,22 @@ use crate::types::{ChunkId, ShardId};
 use bytes::Bytes;
 use futures::stream::StreamExt;
 use pb::node_server::Node;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The RPC face of one node.
 pub struct NodeService {
     pub objects: Objects,
+    /// The last view each gateway reported, and when.
+    pub gateway_views: Mutex<HashMap<String, (pb::GatewayView, Instant)>>,
 }
+
+/// A gateway view older than this is a gateway gone; `status` drops it.
+const VIEW_KEPT: Duration = Duration::from_secs(60);
 
 type Rpc<T> = Result<Response<T>, Status>;
 
@@ -658,11 +665,64 @@ impl Node for NodeService {
             chunk_bytes,
             chunk_count,
             rss_bytes: rss_bytes(),
+            gateways: self.fresh_gateway_views(),
         })
+    }
+
+    async fn routes(&self, _req: Request<pb::Empty>) -> Rpc<pb::RouteTable> {
+        let host = &self.objects.chunks.host;
+        ok(pb::RouteTable {
+            node_id: host.id,
+            shards: host.layout.shards,
+            nodes: host
+                .layout
+                .nodes
+                .iter()
+                .filter_map(|&id| {
+                    host.addr_of(id).map(|a| pb::NodeAddress {
+                        id,
+                        addr: a.to_string(),
+                    })
+                })
+                .collect(),
+            leaders: host
+                .status()
+                .into_iter()
+                .filter(|s| s.leader != 0)
+                .map(|s| pb::ShardLeader {
+                    shard: s.shard,
+                    leader: s.leader,
+                    term: s.term,
+                })
+                .collect(),
+        })
+    }
+
+    async fn report_view(&self, req: Request<pb::GatewayView>) -> Rpc<pb::Empty> {
+        let view = req.into_inner();
+        let mut views = self.gateway_views.lock().unwrap_or_else(|e| e.into_inner());
+        views.insert(view.gateway.clone(), (view, Instant::now()));
+        ok(pb::Empty {})
     }
 }
 
 impl NodeService {
+    pub fn new(objects: Objects) -> NodeService {
+        NodeService {
+            objects,
+            gateway_views: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gateway views younger than [`VIEW_KEPT`], by gateway name.
+    fn fresh_gateway_views(&self) -> Vec<pb::GatewayView> {
+        let mut views = self.gateway_views.lock().unwrap_or_else(|e| e.into_inner());
+        views.retain(|_, (_, at)| at.elapsed() < VIEW_KEPT);
+        let mut fresh: Vec<_> = views.values().map(|(v, _)| v.clone()).collect();
+        fresh.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+        fresh
+    }
+
     /// UploadPartCopy: the source range is re-chunked as a new part.
     async fn copy_part(&self, r: pb::CopyRequest) -> Result<(String, u64, i64), ShardError> {
         let m = self

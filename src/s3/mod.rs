@@ -14,7 +14,7 @@ mod put;
 use crate::gateway::auth::KeyCache;
 use crate::gateway::limits::RequestRates;
 use crate::gateway::router::NodeRouter;
-use crate::rpc::{error_of, NodeClient};
+use crate::rpc::{error_of, pb, NodeClient};
 use crate::shard::ShardError;
 use s3s::dto::*;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
@@ -47,34 +47,68 @@ impl S3Front {
         Ok(tenant)
     }
 
-    /// A client for some healthy node.
-    fn node(&self) -> (usize, NodeClient) {
-        self.router.pick()
-    }
-
-    /// Runs a unary RPC with `request` on a node, retrying on another node
-    /// when the first could not be reached (nothing was done there).
+    /// Runs a unary RPC with `request` on the node the router chooses for
+    /// it, retrying on another node when the first could not be reached
+    /// (nothing was done there). Every outcome is a sample for the router.
     async fn call<Req, T, F, Fut>(&self, request: Req, f: F) -> S3Result<T>
     where
-        Req: Clone,
+        Req: Clone + Routed,
         F: Fn(NodeClient, Req) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut last = None;
-        for _ in 0..self.router.len().min(3) {
-            let (i, client) = self.node();
+        for attempt in 0..self.router.len().min(3) {
+            let (i, client) = match request.bucket() {
+                Some((tenant, bucket)) if attempt == 0 => self.router.pick_for_bucket(tenant, bucket),
+                _ => self.router.pick(),
+            };
+            let started = std::time::Instant::now();
             match f(client, request.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.router.record(i, Some(started.elapsed()));
+                    return Ok(r.into_inner());
+                }
                 Err(s) if is_unreachable(&s) => {
                     self.router.report_failure(i);
                     last = Some(s);
                 }
-                Err(s) => return Err(s3_error_of(&s)),
+                Err(s) => {
+                    // The node answered; its answer is about the request.
+                    self.router.record(i, Some(started.elapsed()));
+                    return Err(s3_error_of(&s));
+                }
             }
         }
         Err(s3_error_of(
             &last.unwrap_or_else(|| tonic::Status::unavailable("no node")),
         ))
+    }
+}
+
+/// The bucket a request concerns, which decides the node it goes to.
+trait Routed {
+    fn bucket(&self) -> Option<(&str, &str)>;
+}
+
+macro_rules! routed_by {
+    ($field:ident: $($t:ty),*) => {
+        $(impl Routed for $t {
+            fn bucket(&self) -> Option<(&str, &str)> {
+                Some((&self.tenant, &self.$field))
+            }
+        })*
+    };
+}
+
+routed_by!(bucket: pb::BucketRequest, pb::ObjectRequest, pb::ListRequest, pb::CreateUploadRequest,
+    pb::UploadRequest, pb::CompleteRequest, pb::ListPartsRequest, pb::ListUploadsRequest,
+    pb::GetRequest);
+// A copy writes its destination, so it is coordinated there.
+routed_by!(dst_bucket: pb::CopyRequest);
+
+impl Routed for pb::TenantRequest {
+    fn bucket(&self) -> Option<(&str, &str)> {
+        None
     }
 }
 

@@ -128,7 +128,7 @@ impl S3Front {
         let md5_hex = announced.md5_hex()?;
         let mut hasher = announced.hasher();
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutFrame>(2);
-        let (i, mut client) = self.node();
+        let (i, mut client) = self.router.pick_for_bucket(&header.tenant, &header.bucket);
         let call = tokio::spawn(async move {
             client
                 .put_object(tokio_stream::wrappers::ReceiverStream::new(rx))
