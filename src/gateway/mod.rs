@@ -251,8 +251,15 @@ async fn handle(
         min_bytes: limits.min_body_bytes_per_window,
         window: Duration::from_secs(limits.body_window_secs),
     };
+    let is_head = req.method() == http::Method::HEAD;
     let req = req.map(|b| s3s::Body::http_body(GuardedBody::new(b, rules)));
-    shared.service.call(req).await
+    let mut response = shared.service.call(req).await?;
+    if is_head {
+        // s3s writes an error document even for HEAD; HTTP/2 clients (Go's,
+        // in rclone) treat a HEAD answer with data as a protocol error.
+        *response.body_mut() = s3s::Body::empty();
+    }
+    Ok(response)
 }
 
 /// s3s wants to own its auth; share the cache with the S3 handlers.
