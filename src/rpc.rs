@@ -5,9 +5,9 @@ use crate::config::TlsFiles;
 use crate::shard::ShardError;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// Generated messages and service stubs.
 pub mod pb {
@@ -26,23 +26,18 @@ pub struct Pool {
 }
 
 struct PoolState {
-    /// The CA, our certificate and key (PEM), as last read.
-    pems: [Vec<u8>; 3],
+    tls: Arc<rustls::ClientConfig>,
     clients: HashMap<SocketAddr, NodeClient>,
 }
 
-fn read_pems(tls: &TlsFiles) -> anyhow::Result<[Vec<u8>; 3]> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
-    };
-    Ok([read(&tls.ca)?, read(&tls.cert)?, read(&tls.key)?])
-}
+/// Longest a connection to a node may take, TCP and TLS together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Pool {
     pub fn new(tls: &TlsFiles) -> anyhow::Result<Pool> {
         Ok(Pool {
             state: Mutex::new(PoolState {
-                pems: read_pems(tls)?,
+                tls: crate::tls::rpc_client_config(tls)?,
                 clients: HashMap::new(),
             }),
             files: tls.clone(),
@@ -51,12 +46,11 @@ impl Pool {
 
     /// Reads the certificate files again; channels opened from now on
     /// present the new identity, while calls in flight finish on the old.
+    /// A bad pair is refused and the old one stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        // A bad pair is refused here rather than at the next connection.
-        crate::tls::read_identity(&self.files.cert, &self.files.key)?;
-        let pems = read_pems(&self.files)?;
+        let tls = crate::tls::rpc_client_config(&self.files)?;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.pems = pems;
+        state.tls = tls;
         state.clients.clear();
         Ok(())
     }
@@ -68,26 +62,62 @@ impl Pool {
         if let Some(c) = state.clients.get(&addr) {
             return Ok(c.clone());
         }
-        let [ca, cert, key] = &state.pems;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key))
-            .domain_name(addr.ip().to_string());
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
-            .and_then(|e| e.tls_config(tls))
+        // TLS is ours (rustls, node certificates only), so tonic speaks
+        // plain HTTP/2 over the stream the connector hands it.
+        let connector = NodeConnector {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(state.tls.clone()),
+        };
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ShardError::Internal(format!("endpoint {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
-            .connect_lazy();
+            .connect_with_connector_lazy(connector);
         let client = NodeClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         state.clients.insert(addr, client.clone());
         Ok(client)
+    }
+}
+
+/// Opens a connection to one node: TCP, then mutual TLS.
+#[derive(Clone)]
+struct NodeConnector {
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl tower::Service<http::Uri> for NodeConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let (addr, tls) = (self.addr, self.tls.clone());
+        Box::pin(async move {
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                tls.connect(name, tcp).await
+            };
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
     }
 }
 

@@ -229,3 +229,77 @@ pub fn rpc_server_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// Accepts a server certificate only when the cluster CA signed it for the
+/// address dialled *and* it carries the node role: a stolen gateway or
+/// admin certificate cannot pose as a node.
+#[derive(Debug)]
+struct NodesOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for NodesOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        match Role::of_certificate(end_entity) {
+            Some(Role::Node) => Ok(verified),
+            other => Err(rustls::Error::General(format!(
+                "the server's certificate is not a node's (its role: {})",
+                other.map_or("none".to_string(), |r| r.to_string())
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The client side of internal mutual TLS: our identity from `files`, and
+/// only node certificates of the cluster CA accepted from servers.
+pub fn rpc_client_config(
+    files: &crate::config::TlsFiles,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut read(&files.ca)?.as_slice()) {
+        roots.add(cert.with_context(|| format!("parsing {}", files.ca.display()))?)?;
+    }
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()?;
+    let identity = read_identity(&files.cert, &files.key)?;
+    let key = rustls_pemfile::private_key(&mut read(&files.key)?.as_slice())?
+        .with_context(|| format!("no private key in {}", files.key.display()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodesOnly(webpki)))
+        .with_client_auth_cert(identity.cert.clone(), key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}

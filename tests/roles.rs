@@ -154,5 +154,30 @@ async fn each_role_calls_only_its_own_rpcs() {
     assert_ne!(err.code(), Code::Ok);
     assert_ne!(err.code(), denied, "refused by TLS, before any RPC: {err}");
 
+    // The other way round: a server holding a gateway certificate of the
+    // cluster CA, posing as a node, is refused by the caller.
+    let impostor = lumbung::tls::ReloadableIdentity::load(
+        &dir.join("gateway.pem"),
+        &dir.join("gateway.key"),
+    )
+    .unwrap();
+    let server = lumbung::tls::rpc_server_config(&dir.join("ca.pem"), impostor).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_node = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let err = client(&files(&dir, "admin"), fake_node)
+        .status(pb::Empty {})
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("not a node's"),
+        "refused for its role: {err:?}"
+    );
+
     cluster.stop().await;
 }
