@@ -96,22 +96,6 @@ fn pct(l: &[u64], p: f64) -> f64 {
     l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64 / 1000.0
 }
 
-fn tls_config(env: &S3Env) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut std::fs::read(&env.ca_cert).unwrap().as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
-}
-
 async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from, 0))?;
@@ -120,6 +104,8 @@ async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result
 
 #[derive(Default)]
 struct Counts {
+    /// Every TCP connection opened, whatever became of it.
+    connections: AtomicU64,
     bad_signatures: AtomicU64,
     slow_down: AtomicU64,
     garbage: AtomicU64,
@@ -129,7 +115,7 @@ struct Counts {
 /// One flooding task of `kind` until `stop`.
 async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
     let to: SocketAddr = env.endpoint.trim_start_matches("https://").parse().unwrap();
-    let tls = tokio_rustls::TlsConnector::from(tls_config(&env));
+    let tls = common::tls_client(&env.ca_cert);
     let name = rustls::pki_types::ServerName::try_from(to.ip().to_string()).unwrap();
     let date = chrono_like_now();
     let mut buf = vec![0u8; 16 * 1024];
@@ -138,6 +124,7 @@ async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<A
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        counts.connections.fetch_add(1, Ordering::Relaxed);
         match kind {
             // A signed-looking request with a wrong signature.
             0 => {
@@ -262,8 +249,9 @@ async fn run_flood(args: &Args, env: &S3Env) {
     let secs = started.elapsed().as_secs_f64();
     let rate = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / secs;
     println!(
-        "flood from {}: {:.0} bad-signature requests/s answered (of which {:.0}/s SlowDown), {:.0} garbage connections/s, {:.0} half-open handshakes/s",
+        "flood from {}: {:.0} connections/s opened; {:.0} bad-signature requests/s answered (of which {:.0}/s SlowDown), {:.0} garbage connections/s served, {:.0} half-open handshakes/s",
         args.flood_from,
+        rate(&counts.connections),
         rate(&counts.bad_signatures) + rate(&counts.slow_down),
         rate(&counts.slow_down),
         rate(&counts.garbage),

@@ -13,27 +13,12 @@ secs=${SECONDS_PER_PHASE:-15}
 cargo build --release --bin lumbung
 cargo bench --bench flood --no-run
 
-work=$(mktemp -d /var/tmp/lumbung-flood.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-
-port=$(python3 -c 'import random; print(random.randint(20000, 32000))')
-target/release/lumbung admin init-cluster --nodes 3 --dir "$work/cluster" --base-port "$port" >/dev/null
-for i in 1 2 3; do
-  RUST_LOG=warn,openraft=error target/release/lumbung node --config "$work/cluster/node$i.toml" 2>"$work/node$i.log" &
-  pids+=($!)
-done
-RUST_LOG=warn target/release/lumbung gateway --config "$work/cluster/gateway.toml" 2>"$work/gateway.log" &
-pids+=($!)
-set -a; . "$work/cluster/s3.env"; set +a
-for _ in $(seq 1 120); do
-  curl -s -o /dev/null --cacert "$S3_CA_CERT" "$S3_ENDPOINT/" && break; sleep 0.5
-done
-sleep 3  # let every shard elect a leader
+source benches/cluster.sh
+init_cluster
+start_cluster
 
 echo "== gateway limits: $(grep -E '_per_sec|^max_connections' "$work/cluster/gateway.toml" | tr '\n' ' ')"
-flood=(target/release/deps/$(basename "$(ls -t target/release/deps/flood-* | grep -v '\.d$' | head -1)"))
+flood=(cargo bench -q --bench flood --)
 echo "== flood --mode victim --seconds $secs  (alone)"
 alone=$("${flood[@]}" --env-file "$work/cluster/s3.env" --mode victim --label alone --seconds "$secs")
 echo "$alone"

@@ -14,31 +14,17 @@ cargo build --release --bin lumbung
 cargo bench --bench load --no-run
 load=(cargo bench --bench load --)
 
-work=$(mktemp -d /var/tmp/lumbung-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+source benches/cluster.sh
 
 echo "== disk: dd if=/dev/zero of=$work/dd.bin bs=1M count=1024 oflag=direct conv=fsync"
 dd if=/dev/zero of="$work/dd.bin" bs=1M count=1024 oflag=direct conv=fsync 2>&1 | tail -n 1
 rm -f "$work/dd.bin"
 
-port=$(python3 -c 'import random; print(random.randint(20000, 60000))')
-target/release/lumbung admin init-cluster --nodes 3 --dir "$work/cluster" --base-port "$port" >/dev/null
+init_cluster
 # One load tool on one address is the whole workload here: measure the
 # cluster, not the gateway's per-client rate limits.
 sed -i -E 's/^(tenant_requests|address_requests|address_connections)_per_sec = .*/\1_per_sec = 0/' "$work/cluster/gateway.toml"
-for i in 1 2 3; do
-  RUST_LOG=warn,openraft=error target/release/lumbung node --config "$work/cluster/node$i.toml" 2>"$work/node$i.log" &
-  pids+=($!)
-done
-RUST_LOG=warn target/release/lumbung gateway --config "$work/cluster/gateway.toml" 2>"$work/gateway.log" &
-pids+=($!)
-set -a; . "$work/cluster/s3.env"; set +a
-for _ in $(seq 1 120); do
-  curl -s -o /dev/null --cacert "$S3_CA_CERT" "$S3_ENDPOINT/" && break; sleep 0.5
-done
-sleep 3  # let every shard elect a leader
+start_cluster
 
 rss() {
   local names=(node1 node2 node3 gateway) i=0

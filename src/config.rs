@@ -199,7 +199,7 @@ impl Default for GatewayLimits {
         GatewayLimits {
             tenant_requests_per_sec: 5_000,
             address_requests_per_sec: 5_000,
-            address_connections_per_sec: 200,
+            address_connections_per_sec: 100,
             max_connections: 10_000,
             max_connections_per_address: 1_000,
             max_header_bytes: 64 * 1024,

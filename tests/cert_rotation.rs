@@ -35,34 +35,34 @@ fn der_of(pem: &str) -> Vec<u8> {
 /// The certificate a server at `addr` presents to a new connection;
 /// `client` is the identity to present back (nodes require one).
 async fn served_certificate(addr: &str, ca: &Path, client: Option<&TlsFiles>) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let cfg = match client {
-        None => builder.with_no_client_auth(),
+    let connector = match client {
+        None => common::tls_client(ca),
         Some(files) => {
-            let certs = rustls_pemfile::certs(&mut std::fs::read(&files.cert).unwrap().as_slice())
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let read = |p: &Path| std::fs::read(p).unwrap();
+            let certs = rustls_pemfile::certs(&mut read(&files.cert).as_slice())
                 .collect::<Result<Vec<_>, _>>()
                 .unwrap();
-            let key = rustls_pemfile::private_key(&mut std::fs::read(&files.key).unwrap().as_slice())
+            let key = rustls_pemfile::private_key(&mut read(&files.key).as_slice())
                 .unwrap()
                 .unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
         }
     };
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 

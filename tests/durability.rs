@@ -15,7 +15,7 @@ mod common;
 
 use aws_sdk_s3::primitives::ByteStream;
 use common::{bytes, s3};
-use lumbung::admin::{init_cluster, InitOptions, S3Env};
+use lumbung::admin::{init_cluster, S3Env};
 use lumbung::config::{self, AdminConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,18 +142,7 @@ fn set_snapshot_every(dir: &Path, entries: u64) {
 async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
-    let env: S3Env = init_cluster(&InitOptions {
-        nodes: 3,
-        dir: dir.clone(),
-        base_port: common::free_ports(4),
-        shards: 8,
-        replication: 3,
-        host: "127.0.0.1".parse().unwrap(),
-        node_hosts: vec![],
-        public_host: None,
-        region: "us-east-1".into(),
-    })
-    .unwrap();
+    let env: S3Env = init_cluster(&common::init_options(&dir, common::free_ports(4), 8)).unwrap();
     set_snapshot_every(&dir, 40);
     let admin: AdminConfig = config::load(&dir.join("admin.toml")).unwrap();
     let layout = config::load::<lumbung::config::NodeConfig>(&dir.join("node1.toml"))

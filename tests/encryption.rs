@@ -14,7 +14,7 @@ mod common;
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use lumbung::admin::{init_cluster, InitOptions};
+use lumbung::admin::init_cluster;
 use lumbung::config::{self, NodeConfig};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -63,18 +63,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Writes a cluster whose shards snapshot (and purge their logs) often.
 fn init_snapshotting_cluster(dir: &Path, base_port: u16) {
-    init_cluster(&InitOptions {
-        nodes: 3,
-        dir: dir.to_path_buf(),
-        base_port,
-        shards: 8,
-        replication: 3,
-        host: "127.0.0.1".parse().unwrap(),
-        node_hosts: vec![],
-        public_host: None,
-        region: "us-east-1".into(),
-    })
-    .unwrap();
+    init_cluster(&common::init_options(dir, base_port, 8)).unwrap();
     for id in 1..=3 {
         let path = dir.join(format!("node{id}.toml"));
         let text = std::fs::read_to_string(&path).unwrap();

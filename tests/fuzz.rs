@@ -14,7 +14,6 @@ use lumbung::rpc::pb;
 use lumbung::shard::{Command, Query, Reply, TypeConfig};
 use prost::Message;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -200,18 +199,7 @@ fn signed_post(env: &S3Env, host: &str, target: &str, body: &[u8]) -> Vec<u8> {
 /// a mutation) gets the connection closed by us, after which the gateway
 /// must close too; `None` if it held the connection 10 s longer.
 async fn exchange(env: &S3Env, request: &[u8]) -> Option<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut std::fs::read(&env.ca_cert).unwrap().as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = common::tls_client(&env.ca_cert);
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut attempts = 0;
     let mut tls = loop {

@@ -9,10 +9,9 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use common::{code, status};
-use lumbung::admin::{init_cluster, InitOptions, S3Env};
+use lumbung::admin::{init_cluster, S3Env};
 use lumbung::config::GatewayConfig;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,18 +21,7 @@ const MAX_BODY: u64 = 1 << 20;
 
 /// A cluster whose gateway has small limits, so each can be reached.
 fn init_strict_cluster(dir: &Path, base_port: u16) {
-    init_cluster(&InitOptions {
-        nodes: 3,
-        dir: dir.to_path_buf(),
-        base_port,
-        shards: 4,
-        replication: 3,
-        host: "127.0.0.1".parse().unwrap(),
-        node_hosts: vec![],
-        public_host: None,
-        region: "us-east-1".into(),
-    })
-    .unwrap();
+    init_cluster(&common::init_options(dir, base_port, 4)).unwrap();
     let path = dir.join("gateway.toml");
     let mut cfg: GatewayConfig = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let l = &mut cfg.limits;
@@ -56,28 +44,6 @@ fn no_retries(env: &S3Env, secret: &str) -> Client {
             .retry_config(RetryConfig::disabled())
             .build(),
     )
-}
-
-/// A raw TLS connection to the gateway (HTTP/1.1 is spoken by hand).
-async fn connect(env: &S3Env) -> std::io::Result<TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&env.ca_cert).unwrap();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let addr = env.endpoint.trim_start_matches("https://");
-    let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
 }
 
 /// Everything the server sends until it closes (or 10 s pass), and when
@@ -208,7 +174,7 @@ async fn every_limit_answers_with_its_s3_error() {
     assert_eq!((status(&err), code(&err).as_str()), (414, "UriTooLong"));
 
     // Headers over 8 KiB: 431 from the HTTP layer.
-    let mut conn = connect(&env).await.unwrap();
+    let mut conn = common::tls_connect(&env).await.unwrap();
     let big = format!(
         "GET /demo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: {}\r\n\r\n",
         "f".repeat(10_000)
@@ -219,8 +185,8 @@ async fn every_limit_answers_with_its_s3_error() {
 
     // Headers that never finish, and a connection that never sends a
     // byte: both closed after the 2 s header timeout.
-    let mut slow_head = connect(&env).await.unwrap();
-    let mut silent = connect(&env).await.unwrap();
+    let mut slow_head = common::tls_connect(&env).await.unwrap();
+    let mut silent = common::tls_connect(&env).await.unwrap();
     let since = Instant::now();
     slow_head
         .write_all(b"GET /demo HTTP/1.1\r\nHost: 127.")
@@ -241,7 +207,7 @@ async fn every_limit_answers_with_its_s3_error() {
         .await
         .unwrap();
     let uri: http::Uri = presigned.uri().parse().unwrap();
-    let mut conn = connect(&env).await.unwrap();
+    let mut conn = common::tls_connect(&env).await.unwrap();
     let head = format!(
         "PUT {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 100000\r\n\r\n",
         uri.path_and_query().unwrap(),
@@ -278,12 +244,12 @@ async fn every_limit_answers_with_its_s3_error() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut held = Vec::new();
     for _ in 0..8 {
-        held.push(connect(&env).await.unwrap());
+        held.push(common::tls_connect(&env).await.unwrap());
     }
-    assert!(connect(&env).await.is_err(), "a 9th connection is refused");
+    assert!(common::tls_connect(&env).await.is_err(), "a 9th connection is refused");
     held.pop();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(connect(&env).await.is_ok());
+    assert!(common::tls_connect(&env).await.is_ok());
     drop(held);
 
     cluster.stop().await;

@@ -8,7 +8,7 @@ mod common;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use lumbung::admin::{init_cluster, InitOptions};
+use lumbung::admin::init_cluster;
 use lumbung::config::{AdminConfig, GatewayConfig};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -125,18 +125,7 @@ fn start_load(c: Client, stop: Arc<AtomicBool>, ops: Arc<Mutex<Vec<Op>>>) -> Vec
 }
 
 fn init(dir: &Path) -> AdminConfig {
-    init_cluster(&InitOptions {
-        nodes: 3,
-        dir: dir.to_path_buf(),
-        base_port: common::free_ports(4),
-        shards: 8,
-        replication: 3,
-        host: "127.0.0.1".parse().unwrap(),
-        node_hosts: vec![],
-        public_host: None,
-        region: "us-east-1".into(),
-    })
-    .unwrap();
+    init_cluster(&common::init_options(dir, common::free_ports(4), 8)).unwrap();
     lumbung::config::load(&dir.join("admin.toml")).unwrap()
 }
 

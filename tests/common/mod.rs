@@ -45,6 +45,46 @@ fn rand_u16() -> u16 {
     (t ^ (std::process::id() << 8)) as u16
 }
 
+/// What `init_cluster` needs for 3 nodes (RF 3) on loopback in `dir`.
+pub fn init_options(dir: &Path, base_port: u16, shards: u32) -> lumbung::admin::InitOptions {
+    lumbung::admin::InitOptions {
+        nodes: 3,
+        dir: dir.to_path_buf(),
+        base_port,
+        shards,
+        replication: 3,
+        host: "127.0.0.1".parse().unwrap(),
+        node_hosts: vec![],
+        public_host: None,
+        region: "us-east-1".into(),
+    }
+}
+
+/// A rustls client trusting `ca`, presenting no certificate.
+pub fn tls_client(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
+
+/// A raw TLS connection to the gateway of `env` (for HTTP by hand).
+pub async fn tls_connect(
+    env: &S3Env,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(env.endpoint.trim_start_matches("https://")).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tls_client(&env.ca_cert).connect(name, tcp).await
+}
+
 /// Starts a small in-process dev cluster (3 nodes, RF 3) in `dir`.
 pub async fn cluster(dir: &Path, shards: u32) -> DevCluster {
     let mut opts = DevOptions::new(dir.join("cluster"), free_ports(4));
