@@ -6,6 +6,11 @@
 //! RPC to a node over mutual TLS. It parses all untrusted input itself, so
 //! nodes never see raw client bytes; it holds no keys of tenant data and
 //! stores nothing.
+//!
+//! Around that: [`limits`] (rates, connections, sizes), [`body`] (slow or
+//! oversized bodies), [`idle`] (silent connections), and [`router`], which
+//! sends each request to the node that leads its shard unless that node is
+//! slow or failing.
 
 pub mod auth;
 pub mod body;
