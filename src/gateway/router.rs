@@ -5,11 +5,13 @@
 //! table (shard → leader, asked of every node each second) and sends a
 //! bucket's requests to its index shard's leader.
 //!
-//! It also measures every node: latency and failures, as moving averages
-//! of real calls and of those once-a-second probes. A node whose call
-//! failed is passed over for a while; a node much slower than the fastest
-//! is used only when no other is left. The probes go on measuring both, so
-//! a node that recovers gets its work back within seconds.
+//! It also measures every node. Latency comes from those once-a-second
+//! probes only: they are the same call to every node, whereas real calls
+//! differ in weight from node to node (the leader of a busy bucket gets
+//! its heavy ones). Failures come from probes and real calls alike. A node
+//! whose call failed is passed over for a while; a node much slower than
+//! the fastest is used only when no other is left. The probes go on
+//! measuring both, so a node that recovers gets its work back in seconds.
 
 use crate::config::TlsFiles;
 use crate::placement::bucket_shard;
@@ -111,12 +113,17 @@ impl Table {
         (0..standings.len()).collect()
     }
 
-    fn sample(&mut self, i: usize, latency: Option<Duration>) {
+    /// One call to node `i`: whether it failed in transport, and for a
+    /// probe, how long it took.
+    fn sample(&mut self, i: usize, ok: bool, probe_latency: Option<Duration>) {
         let h = &mut self.health[i];
         h.calls += 1;
-        let failed = if latency.is_some() { 0.0 } else { 1.0 };
+        let failed = if ok { 0.0 } else { 1.0 };
         h.error_rate = (1.0 - ALPHA) * h.error_rate + ALPHA * failed;
-        if let Some(l) = latency {
+        if !ok {
+            h.benched_until = Some(Instant::now() + PENALTY);
+        }
+        if let Some(l) = probe_latency {
             let ms = l.as_secs_f64() * 1000.0;
             h.latency_ms = Some(h.latency_ms.map_or(ms, |old| (1.0 - ALPHA) * old + ALPHA * ms));
         }
@@ -189,19 +196,15 @@ impl NodeRouter {
         }
     }
 
-    /// Records how a call to node `i` went: its latency, or `None` when it
-    /// failed in transport (which also passes the node over for a while).
-    pub fn record(&self, i: usize, latency: Option<Duration>) {
-        let mut table = self.table();
-        table.sample(i, latency);
-        if latency.is_none() {
-            table.health[i].benched_until = Some(Instant::now() + PENALTY);
-        }
+    /// Records that a call to node `i` reached it.
+    pub fn report_success(&self, i: usize) {
+        self.table().sample(i, true, None);
     }
 
-    /// Marks node `i` as failing so the next calls go elsewhere.
+    /// Records that a call to node `i` failed in transport: the node is
+    /// passed over for a while.
     pub fn report_failure(&self, i: usize) {
-        self.record(i, None);
+        self.table().sample(i, false, None);
     }
 
     /// Asks every node for its routes, measuring each as it answers, and
@@ -218,11 +221,10 @@ impl NodeRouter {
         let mut claims = Vec::new();
         for (i, elapsed, reply) in results {
             let Ok(Ok(routes)) = reply else {
-                table.sample(i, None);
-                table.health[i].benched_until = Some(Instant::now() + PENALTY);
+                table.sample(i, false, None);
                 continue;
             };
-            table.sample(i, Some(elapsed));
+            table.sample(i, true, Some(elapsed));
             let routes = routes.into_inner();
             table.health[i].id = routes.node_id;
             table.shards = routes.shards;
@@ -334,7 +336,7 @@ mod tests {
         let mut t = table(&[2.0, 2.0, 300.0]);
         assert_eq!(t.candidates(now), vec![0, 1]);
         for _ in 0..15 {
-            t.sample(2, Some(Duration::from_millis(2)));
+            t.sample(2, true, Some(Duration::from_millis(2)));
         }
         assert_eq!(t.candidates(now), vec![0, 1, 2]);
     }

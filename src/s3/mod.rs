@@ -49,7 +49,7 @@ impl S3Front {
 
     /// Runs a unary RPC with `request` on the node the router chooses for
     /// it, retrying on another node when the first could not be reached
-    /// (nothing was done there). Every outcome is a sample for the router.
+    /// (nothing was done there). Every outcome is reported to the router.
     async fn call<Req, T, F, Fut>(&self, request: Req, f: F) -> S3Result<T>
     where
         Req: Clone + Routed,
@@ -62,10 +62,9 @@ impl S3Front {
                 Some((tenant, bucket)) if attempt == 0 => self.router.pick_for_bucket(tenant, bucket),
                 _ => self.router.pick(),
             };
-            let started = std::time::Instant::now();
             match f(client, request.clone()).await {
                 Ok(r) => {
-                    self.router.record(i, Some(started.elapsed()));
+                    self.router.report_success(i);
                     return Ok(r.into_inner());
                 }
                 Err(s) if is_unreachable(&s) => {
@@ -74,7 +73,7 @@ impl S3Front {
                 }
                 Err(s) => {
                     // The node answered; its answer is about the request.
-                    self.router.record(i, Some(started.elapsed()));
+                    self.router.report_success(i);
                     return Err(s3_error_of(&s));
                 }
             }
