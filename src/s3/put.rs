@@ -18,6 +18,11 @@ use s3s::{s3_error, S3Error, S3Result, TrailingHeaders};
 /// Bytes per data frame sent to the node.
 const FRAME: usize = 1024 * 1024;
 
+/// Bodies larger than this (or of unknown size) are coordinated by any
+/// node in turn rather than by their shard's leader: one node
+/// coordinating every part of a large upload would carry all its buffers.
+const SPREAD_ABOVE: u64 = 1 << 20;
+
 /// The checksums a client announced for a body.
 #[derive(Default)]
 pub(super) struct Announced {
@@ -128,7 +133,14 @@ impl S3Front {
         let md5_hex = announced.md5_hex()?;
         let mut hasher = announced.hasher();
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutFrame>(2);
-        let (i, mut client) = self.router.pick_for_bucket(&header.tenant, &header.bucket);
+        // A small body is cheapest on the leader of its bucket's shard; a
+        // large one is mostly chunk work, which is spread over the nodes.
+        let (i, mut client) = match header.declared_size {
+            Some(size) if size <= SPREAD_ABOVE => {
+                self.router.pick_for_bucket(&header.tenant, &header.bucket)
+            }
+            _ => self.router.pick(),
+        };
         let call = tokio::spawn(async move {
             client
                 .put_object(tokio_stream::wrappers::ReceiverStream::new(rx))
