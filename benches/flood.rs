@@ -67,7 +67,11 @@ async fn victim(c: &aws_sdk_s3::Client, bucket: &str, args: &Args) -> (Vec<u64>,
                     let t = Instant::now();
                     let key = format!("flood-bench/{}", i % OBJECTS);
                     let ok = match c.get_object().bucket(&bucket).key(key).send().await {
-                        Ok(o) => o.body.collect().await.is_ok_and(|d| d.into_bytes().len() == SIZE),
+                        Ok(o) => o
+                            .body
+                            .collect()
+                            .await
+                            .is_ok_and(|d| d.into_bytes().len() == SIZE),
                         Err(_) => false,
                     };
                     if ok {
@@ -96,7 +100,10 @@ fn pct(l: &[u64], p: f64) -> f64 {
     l[((l.len() as f64 * p) as usize).min(l.len() - 1)] as f64 / 1000.0
 }
 
-async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_from(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from, 0))?;
     socket.connect(to).await
@@ -113,7 +120,13 @@ struct Counts {
 }
 
 /// One flooding task of `kind` until `stop`.
-async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
+async fn flood(
+    kind: usize,
+    env: S3Env,
+    args_from: std::net::IpAddr,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) {
     let to: SocketAddr = env.endpoint.trim_start_matches("https://").parse().unwrap();
     let tls = common::tls_client(&env.ca_cert);
     let name = rustls::pki_types::ServerName::try_from(to.ip().to_string()).unwrap();
@@ -128,7 +141,9 @@ async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<A
         match kind {
             // A signed-looking request with a wrong signature.
             0 => {
-                let Ok(mut s) = tls.connect(name.clone(), tcp).await else { continue };
+                let Ok(mut s) = tls.connect(name.clone(), tcp).await else {
+                    continue;
+                };
                 let req = format!(
                     "GET /{b}/flood-bench/1 HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\nx-amz-date: {date}\r\nx-amz-content-sha256: UNSIGNED-PAYLOAD\r\nAuthorization: AWS4-HMAC-SHA256 Credential={ak}/{day}/{region}/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={sig}\r\n\r\n",
                     b = env.bucket,
@@ -139,7 +154,8 @@ async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<A
                 );
                 let _ = s.write_all(req.as_bytes()).await;
                 let mut reply = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
                 if reply.windows(8).any(|w| w == b"SlowDown") {
                     counts.slow_down.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -148,19 +164,24 @@ async fn flood(kind: usize, env: S3Env, args_from: std::net::IpAddr, stop: Arc<A
             }
             // Garbage after a good handshake.
             1 => {
-                let Ok(mut s) = tls.connect(name.clone(), tcp).await else { continue };
+                let Ok(mut s) = tls.connect(name.clone(), tcp).await else {
+                    continue;
+                };
                 for (i, b) in buf.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(31) ^ 0x5a;
                 }
                 let _ = s.write_all(&buf).await;
                 let mut reply = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
                 counts.garbage.fetch_add(1, Ordering::Relaxed);
             }
             // Half a ClientHello, then silence until the gateway gives up.
             _ => {
                 let mut tcp = tcp;
-                let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]).await;
+                let _ = tcp
+                    .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
+                    .await;
                 counts.half_open.fetch_add(1, Ordering::Relaxed);
                 let mut one = [0u8; 1];
                 let _ = tokio::time::timeout(Duration::from_secs(60), tcp.read(&mut one)).await;

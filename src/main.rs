@@ -546,7 +546,9 @@ async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let cfg: GatewayConfig = config::load(&path)?;
     let signals = Signals::install()?;
     let gw = lumbung::gateway::start(cfg).await?;
-    signals.serve_until_stopped(|| gw.reload_certificates()).await;
+    signals
+        .serve_until_stopped(|| gw.reload_certificates())
+        .await;
     gw.stop().await;
     Ok(())
 }

@@ -169,23 +169,39 @@ impl ReloadableIdentity {
 
 impl rustls::server::ResolvesServerCert for ReloadableIdentity {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
-pub(crate) fn read_identity(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
+pub(crate) fn read_identity(
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<Arc<CertifiedKey>> {
     let certs = rustls_pemfile::certs(&mut read(cert_path)?.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert_path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert_path.display());
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "no certificate in {}",
+        cert_path.display()
+    );
     let key = rustls_pemfile::private_key(&mut read(key_path)?.as_slice())?
         .with_context(|| format!("no private key in {}", key_path.display()))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .with_context(|| format!("unusable private key in {}", key_path.display()))?;
     let identity = CertifiedKey::new(certs, signing);
-    identity
-        .keys_match()
-        .with_context(|| format!("{} does not belong to {}", key_path.display(), cert_path.display()))?;
+    identity.keys_match().with_context(|| {
+        format!(
+            "{} does not belong to {}",
+            key_path.display(),
+            cert_path.display()
+        )
+    })?;
     Ok(Arc::new(identity))
 }
 
@@ -245,9 +261,13 @@ impl rustls::client::danger::ServerCertVerifier for NodesOnly {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let verified =
-            self.0
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let verified = self.0.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         match Role::of_certificate(end_entity) {
             Some(Role::Node) => Ok(verified),
             other => Err(rustls::Error::General(format!(

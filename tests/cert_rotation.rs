@@ -78,7 +78,9 @@ async fn certificates_are_replaced_while_a_client_keeps_working() {
 
     // A second gateway, as its own process, on the same cluster.
     let mut second: GatewayConfig = lumbung::config::load(&dir.join("gateway.toml")).unwrap();
-    second.listen = format!("127.0.0.1:{}", common::free_ports(1)).parse().unwrap();
+    second.listen = format!("127.0.0.1:{}", common::free_ports(1))
+        .parse()
+        .unwrap();
     let second_toml = dir.join("gateway2.toml");
     std::fs::write(&second_toml, toml::to_string(&second).unwrap()).unwrap();
     let mut process = std::process::Command::new(env!("CARGO_BIN_EXE_lumbung"))
@@ -89,7 +91,10 @@ async fn certificates_are_replaced_while_a_client_keeps_working() {
     let second_addr = second.listen.to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(&second_addr).await.is_err() {
-        assert!(Instant::now() < deadline, "the second gateway never listened");
+        assert!(
+            Instant::now() < deadline,
+            "the second gateway never listened"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -153,8 +158,15 @@ async fn certificates_are_replaced_while_a_client_keeps_working() {
 
     // New connections see the new certificates, on both gateways and on
     // every node.
-    let gw_addr = cluster.env.endpoint.trim_start_matches("https://").to_string();
-    assert_eq!(served_certificate(&gw_addr, &ca_pem, None).await, new_public);
+    let gw_addr = cluster
+        .env
+        .endpoint
+        .trim_start_matches("https://")
+        .to_string();
+    assert_eq!(
+        served_certificate(&gw_addr, &ca_pem, None).await,
+        new_public
+    );
     assert_eq!(
         served_certificate(&second_addr, &ca_pem, None).await,
         new_public,
@@ -176,21 +188,36 @@ async fn certificates_are_replaced_while_a_client_keeps_working() {
     std::fs::copy(&admin.tls.cert, &files.cert).unwrap();
     std::fs::copy(&admin.tls.key, &files.key).unwrap();
     let pool = Pool::new(&files).unwrap();
-    assert!(pool.client(admin.nodes[0]).unwrap().status(pb::Empty {}).await.is_ok());
+    assert!(pool
+        .client(admin.nodes[0])
+        .unwrap()
+        .status(pb::Empty {})
+        .await
+        .is_ok());
     reissue(&ca, tmp.path(), "who", Role::Gateway);
     pool.reload().unwrap();
-    let refused = pool.client(admin.nodes[0]).unwrap().status(pb::Empty {}).await;
+    let refused = pool
+        .client(admin.nodes[0])
+        .unwrap()
+        .status(pb::Empty {})
+        .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::PermissionDenied);
 
     // A reload with a broken file is refused and changes nothing.
     std::fs::write(dir.join("gateway-public.key"), "not a key").unwrap();
     assert!(gateway.reload_certificates().is_err());
-    assert_eq!(served_certificate(&gw_addr, &ca_pem, None).await, new_public);
+    assert_eq!(
+        served_certificate(&gw_addr, &ca_pem, None).await,
+        new_public
+    );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     worker.await.unwrap();
-    let (written, failures) = (written.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
+    let (written, failures) = (
+        written.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    );
     println!("{written} objects written and read back during the rotation, {failures} failures");
     assert!(written > 5, "the client made progress: {written}");
     assert_eq!(failures, 0);

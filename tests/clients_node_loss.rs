@@ -27,9 +27,18 @@ fn aws_binary() -> PathBuf {
 fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
     for var in [
-        "AWS_CA_BUNDLE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
-        "RCLONE_CA_CERT", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+        "AWS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "RCLONE_CA_CERT",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
     ] {
         cmd.env_remove(var);
     }
@@ -40,7 +49,10 @@ fn aws(env: &lumbung::admin::S3Env, work: &Path, args: &[&str]) -> Command {
     let config = work.join("aws.config");
     std::fs::write(
         &config,
-        format!("[default]\nregion = {}\ns3 =\n    addressing_style = path\n", env.region),
+        format!(
+            "[default]\nregion = {}\ns3 =\n    addressing_style = path\n",
+            env.region
+        ),
     )
     .unwrap();
     let mut cmd = clean(aws_binary());
@@ -102,18 +114,35 @@ async fn aws_cli_and_rclone_finish_their_jobs_while_a_node_dies() {
     let big = common::bytes(42, 96 << 20);
     std::fs::write(work.join("big.bin"), &big).unwrap();
     for i in 0..300u64 {
-        std::fs::write(tree.join(format!("f{i:03}")), common::bytes(i, 1000 + (i as usize * 97) % 20_000))
-            .unwrap();
+        std::fs::write(
+            tree.join(format!("f{i:03}")),
+            common::bytes(i, 1000 + (i as usize * 97) % 20_000),
+        )
+        .unwrap();
     }
 
     let started = Instant::now();
     let big_path = work.join("big.bin");
-    let cp = aws(&env, &work, &["s3", "cp", "--quiet", big_path.to_str().unwrap(), "s3://demo/loss/big.bin"])
-        .spawn()
-        .unwrap();
-    let copy = rclone(&env, &work, &["copy", tree.to_str().unwrap(), "lb:demo/loss/tree"])
-        .spawn()
-        .unwrap();
+    let cp = aws(
+        &env,
+        &work,
+        &[
+            "s3",
+            "cp",
+            "--quiet",
+            big_path.to_str().unwrap(),
+            "s3://demo/loss/big.bin",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let copy = rclone(
+        &env,
+        &work,
+        &["copy", tree.to_str().unwrap(), "lb:demo/loss/tree"],
+    )
+    .spawn()
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.stop_node(2).await;
     let stopped_at = started.elapsed();
@@ -150,7 +179,10 @@ async fn aws_cli_and_rclone_finish_their_jobs_while_a_node_dies() {
             .await
             .unwrap();
         let want = common::bytes(i, 1000 + (i as usize * 97) % 20_000);
-        assert!(got.body.collect().await.unwrap().into_bytes() == want, "f{i:03}");
+        assert!(
+            got.body.collect().await.unwrap().into_bytes() == want,
+            "f{i:03}"
+        );
     }
     cluster.stop().await;
 }

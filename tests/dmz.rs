@@ -74,17 +74,59 @@ impl Zones {
             ]);
             ip(&["-n", zone, "link", "set", "gw0", "master", "br0"]);
             ip(&["-n", zone, "link", "set", "gw0", "up"]);
-            ip(&["-n", &z.dmz, "addr", "add", &format!("{gateway_addr}/24"), "dev", leg]);
+            ip(&[
+                "-n",
+                &z.dmz,
+                "addr",
+                "add",
+                &format!("{gateway_addr}/24"),
+                "dev",
+                leg,
+            ]);
             ip(&["-n", &z.dmz, "link", "set", leg, "up"]);
         }
-        ip(&["-n", &z.public, "addr", "add", &format!("{PUBLIC_CLIENT}/24"), "dev", "br0"]);
+        ip(&[
+            "-n",
+            &z.public,
+            "addr",
+            "add",
+            &format!("{PUBLIC_CLIENT}/24"),
+            "dev",
+            "br0",
+        ]);
         for node in NODES {
-            ip(&["-n", &z.internal, "addr", "add", &format!("{node}/24"), "dev", "br0"]);
+            ip(&[
+                "-n",
+                &z.internal,
+                "addr",
+                "add",
+                &format!("{node}/24"),
+                "dev",
+                "br0",
+            ]);
         }
         // The DMZ never forwards. A client that points its default route
         // at the gateway (as an attacker would) still gets nowhere.
-        run("ip", &["netns", "exec", &z.dmz, "sysctl", "-qw", "net.ipv4.ip_forward=0"]);
-        ip(&["-n", &z.public, "route", "add", "default", "via", PUBLIC_GATEWAY]);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &z.dmz,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=0",
+            ],
+        );
+        ip(&[
+            "-n",
+            &z.public,
+            "route",
+            "add",
+            "default",
+            "via",
+            PUBLIC_GATEWAY,
+        ]);
         z
     }
 
@@ -197,7 +239,11 @@ fn public_clients_reach_only_the_gateway_and_only_cluster_peers_reach_nodes() {
     for i in 1..=3 {
         let config = dir.join(format!("node{i}.toml"));
         let log = tmp.path().join(format!("node{i}.log"));
-        zones.spawn(&internal, &["node", "--config", config.to_str().unwrap()], &log);
+        zones.spawn(
+            &internal,
+            &["node", "--config", config.to_str().unwrap()],
+            &log,
+        );
     }
     let gateway_config = dir.join("gateway.toml");
     zones.spawn(
@@ -210,9 +256,16 @@ fn public_clients_reach_only_the_gateway_and_only_cluster_peers_reach_nodes() {
     let routes = ip(&["-n", &dmz, "route", "show"]);
     let routes: Vec<&str> = routes.lines().collect();
     assert_eq!(routes.len(), 2, "{routes:?}");
-    assert!(routes.iter().any(|r| r.starts_with("10.99.1.0/24 dev pub0")));
-    assert!(routes.iter().any(|r| r.starts_with("10.99.2.0/24 dev int0")));
-    let forward = run("ip", &["netns", "exec", &dmz, "sysctl", "-n", "net.ipv4.ip_forward"]);
+    assert!(routes
+        .iter()
+        .any(|r| r.starts_with("10.99.1.0/24 dev pub0")));
+    assert!(routes
+        .iter()
+        .any(|r| r.starts_with("10.99.2.0/24 dev int0")));
+    let forward = run(
+        "ip",
+        &["netns", "exec", &dmz, "sysctl", "-n", "net.ipv4.ip_forward"],
+    );
     assert_eq!(forward.trim(), "0");
 
     // A client in the public zone: S3 through the gateway works...
@@ -276,7 +329,10 @@ fn public_clients_reach_only_the_gateway_and_only_cluster_peers_reach_nodes() {
     for e in &errors {
         // The handshake fails (an alert, or the node closing it): no RPC
         // is ever answered, not even with a refusal.
-        assert!(e.starts_with("transport error") || e.contains("operation was canceled"), "{e}");
+        assert!(
+            e.starts_with("transport error") || e.contains("operation was canceled"),
+            "{e}"
+        );
     }
     println!("a foreign certificate inside the internal zone: {errors:?}");
     drop(zones);

@@ -46,10 +46,35 @@ impl Rng {
 
 /// Input that parsers tend to trip on.
 const TOKENS: &[&[u8]] = &[
-    b"\r\n", b"\r\n\r\n", b"%", b"%zz", b"%00", b"?", b"&", b"=", b"/", b"../", b":", b";",
-    b"\xff\xfe", b"\x00", b"<", b">", b"</", b"<![CDATA[", b"&amp;", b"0", b"-1",
-    b"18446744073709551616", b"chunked", b"aws-chunked", b"Content-Length: ",
-    b"Transfer-Encoding: chunked\r\n", b"Range: bytes=", b"x-amz-", b"AWS4-HMAC-SHA256",
+    b"\r\n",
+    b"\r\n\r\n",
+    b"%",
+    b"%zz",
+    b"%00",
+    b"?",
+    b"&",
+    b"=",
+    b"/",
+    b"../",
+    b":",
+    b";",
+    b"\xff\xfe",
+    b"\x00",
+    b"<",
+    b">",
+    b"</",
+    b"<![CDATA[",
+    b"&amp;",
+    b"0",
+    b"-1",
+    b"18446744073709551616",
+    b"chunked",
+    b"aws-chunked",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Range: bytes=",
+    b"x-amz-",
+    b"AWS4-HMAC-SHA256",
 ];
 
 /// One to four random edits of `seed`.
@@ -92,12 +117,28 @@ fn decode_everything(bytes: &[u8]) {
         ($($t:ty),*) => { $( let _ = <$t>::decode(bytes); )* };
     }
     prost_decode!(
-        pb::RaftMessage, pb::ShardCall, pb::ShardReply, pb::Chunk, pb::ChunkRef,
-        pb::AccessKeyRequest, pb::TenantRequest, pb::BucketRequest, pb::ObjectRequest,
-        pb::PutFrame, pb::GetRequest, pb::CopyRequest, pb::ListRequest,
-        pb::CreateUploadRequest, pb::UploadRequest, pb::CompleteRequest,
-        pb::ListPartsRequest, pb::ListUploadsRequest, pb::TenantSpec,
-        pb::MasterKeyStepRequest, pb::NodeStatus, pb::GetFrame
+        pb::RaftMessage,
+        pb::ShardCall,
+        pb::ShardReply,
+        pb::Chunk,
+        pb::ChunkRef,
+        pb::AccessKeyRequest,
+        pb::TenantRequest,
+        pb::BucketRequest,
+        pb::ObjectRequest,
+        pb::PutFrame,
+        pb::GetRequest,
+        pb::CopyRequest,
+        pb::ListRequest,
+        pb::CreateUploadRequest,
+        pb::UploadRequest,
+        pb::CompleteRequest,
+        pb::ListPartsRequest,
+        pb::ListUploadsRequest,
+        pb::TenantSpec,
+        pb::MasterKeyStepRequest,
+        pb::NodeStatus,
+        pb::GetFrame
     );
     let _ = lumbung::shard::decode::<Command>(bytes);
     let _ = lumbung::shard::decode::<Query>(bytes);
@@ -128,9 +169,7 @@ fn internal_rpc_decoding_never_panics() {
         }
         .encode_to_vec(),
         lumbung::shard::encode(&Query::Tenants),
-        lumbung::shard::encode(&Command::ForgetTenant {
-            tenant: "t".into(),
-        }),
+        lumbung::shard::encode(&Command::ForgetTenant { tenant: "t".into() }),
     ];
     let n = iterations();
     for i in 0..n {
@@ -186,7 +225,10 @@ fn signed_post(env: &S3Env, host: &str, target: &str, body: &[u8]) -> Vec<u8> {
         req.headers_mut().insert(name, value.parse().unwrap());
     }
     instructions.apply_to_request_http1x(&mut req);
-    let mut head = format!("POST {target} HTTP/1.1\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "POST {target} HTTP/1.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (name, value) in req.headers() {
         head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
     }
@@ -223,7 +265,11 @@ async fn exchange(env: &S3Env, request: &[u8]) -> Option<String> {
     let mut buf = [0u8; 8192];
     let mut closed_by_us = false;
     loop {
-        let wait = if closed_by_us || !reply.is_empty() { 10_000 } else { 500 };
+        let wait = if closed_by_us || !reply.is_empty() {
+            10_000
+        } else {
+            500
+        };
         match tokio::time::timeout(Duration::from_millis(wait), tls.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => {
@@ -318,14 +364,20 @@ async fn gateway_request_parsing_never_panics_or_hangs() {
         "{n} malformed requests to the gateway: {answered} answered with a status, {hung} hung, {} panics",
         PANICS.load(Ordering::SeqCst)
     );
-    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "the gateway or a node panicked");
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "the gateway or a node panicked"
+    );
     assert_eq!(hung, 0, "a connection was held for more than 10 s");
 
     // And it still serves.
     c.put_object()
         .bucket("demo")
         .key("after-fuzz")
-        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"still here"))
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(
+            b"still here",
+        ))
         .send()
         .await
         .unwrap();

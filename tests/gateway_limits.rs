@@ -135,7 +135,10 @@ async fn every_limit_answers_with_its_s3_error() {
         }
     }
     println!("tenant limit 10/s: {ok} served, {slow} SlowDown");
-    assert!((10..=14).contains(&ok) && slow >= 11, "{ok} served, {slow} SlowDown");
+    assert!(
+        (10..=14).contains(&ok) && slow >= 11,
+        "{ok} served, {slow} SlowDown"
+    );
 
     // The address's rate applies before any signature is checked, so a
     // flood of badly signed requests is cut short too.
@@ -246,7 +249,10 @@ async fn every_limit_answers_with_its_s3_error() {
     for _ in 0..8 {
         held.push(common::tls_connect(&env).await.unwrap());
     }
-    assert!(common::tls_connect(&env).await.is_err(), "a 9th connection is refused");
+    assert!(
+        common::tls_connect(&env).await.is_err(),
+        "a 9th connection is refused"
+    );
     held.pop();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(common::tls_connect(&env).await.is_ok());

@@ -14,7 +14,9 @@ async fn two_gateways_serve_one_cluster() {
     let cluster = common::cluster(tmp.path(), 4).await;
     let dir = tmp.path().join("cluster");
     let mut cfg: GatewayConfig = lumbung::config::load(&dir.join("gateway.toml")).unwrap();
-    cfg.listen = format!("127.0.0.1:{}", common::free_ports(1)).parse().unwrap();
+    cfg.listen = format!("127.0.0.1:{}", common::free_ports(1))
+        .parse()
+        .unwrap();
     let second = lumbung::gateway::start(cfg.clone()).await.unwrap();
     let one = common::s3(&cluster.env);
     let mut env2 = cluster.env.clone();
@@ -60,7 +62,11 @@ async fn two_gateways_serve_one_cluster() {
             .send()
             .await
             .unwrap_err();
-        assert_eq!(common::status(&err), 404, "deleted through the other gateway");
+        assert_eq!(
+            common::status(&err),
+            404,
+            "deleted through the other gateway"
+        );
     }
 
     // Each gateway reports its own view; both show up within a few seconds.
@@ -71,7 +77,11 @@ async fn two_gateways_serve_one_cluster() {
         let mut names: Vec<&str> = status.gateways.iter().map(|g| g.gateway.as_str()).collect();
         names.dedup();
         if names.len() == 2 {
-            assert_eq!(status.gateways.len(), 6, "3 nodes as each gateway sees them");
+            assert_eq!(
+                status.gateways.len(),
+                6,
+                "3 nodes as each gateway sees them"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "gateways reported: {names:?}");

@@ -92,7 +92,8 @@ async fn each_role_calls_only_its_own_rpcs() {
     assert_eq!(code_of(gw.rotate_master_key(pb::Empty {}).await), denied);
     let err = gw.raft(raft_msg()).await.unwrap_err();
     assert!(
-        err.message().contains("gateway certificate may not call Raft"),
+        err.message()
+            .contains("gateway certificate may not call Raft"),
         "{}",
         err.message()
     );
@@ -156,11 +157,9 @@ async fn each_role_calls_only_its_own_rpcs() {
 
     // The other way round: a server holding a gateway certificate of the
     // cluster CA, posing as a node, is refused by the caller.
-    let impostor = lumbung::tls::ReloadableIdentity::load(
-        &dir.join("gateway.pem"),
-        &dir.join("gateway.key"),
-    )
-    .unwrap();
+    let impostor =
+        lumbung::tls::ReloadableIdentity::load(&dir.join("gateway.pem"), &dir.join("gateway.key"))
+            .unwrap();
     let server = lumbung::tls::rpc_server_config(&dir.join("ca.pem"), impostor).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake_node = listener.local_addr().unwrap();

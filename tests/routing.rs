@@ -81,7 +81,11 @@ fn p99(ops: &[Op], from: Instant, to: Instant) -> Option<Duration> {
 }
 
 /// Writers and readers that retry a failed request once, and record.
-fn start_load(c: Client, stop: Arc<AtomicBool>, ops: Arc<Mutex<Vec<Op>>>) -> Vec<tokio::task::JoinHandle<()>> {
+fn start_load(
+    c: Client,
+    stop: Arc<AtomicBool>,
+    ops: Arc<Mutex<Vec<Op>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..8u64)
         .map(|w| {
             let (c, stop, ops) = (c.clone(), stop.clone(), ops.clone());
@@ -148,9 +152,13 @@ async fn slow_nodes_are_steered_around_and_dead_ones_cost_one_retry() {
         .await
         .unwrap();
     let client = Client::from_conf(
-        common::s3_config(&cluster.env, &cluster.env.access_key, &cluster.env.secret_key)
-            .retry_config(RetryConfig::disabled())
-            .build(),
+        common::s3_config(
+            &cluster.env,
+            &cluster.env.access_key,
+            &cluster.env.secret_key,
+        )
+        .retry_config(RetryConfig::disabled())
+        .build(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(Mutex::new(Vec::new()));
@@ -201,7 +209,11 @@ async fn slow_nodes_are_steered_around_and_dead_ones_cost_one_retry() {
     );
     assert_eq!(node3.state, "ok");
     // More than the eight probes: real requests went back to it.
-    assert!(node3.calls - calls_before > 20, "{} calls", node3.calls - calls_before);
+    assert!(
+        node3.calls - calls_before > 20,
+        "{} calls",
+        node3.calls - calls_before
+    );
 
     // `admin status` shows what the gateway sees.
     let status = lumbung::admin::status::collect(&admin).await.unwrap();

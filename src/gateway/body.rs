@@ -166,14 +166,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_prompt_body_passes_whole() {
-        let body = GuardedBody::new(trickle(vec![&b"hello "[..], &b"world"[..]], Duration::from_secs(1)), rules());
+        let body = GuardedBody::new(
+            trickle(vec![&b"hello "[..], &b"world"[..]], Duration::from_secs(1)),
+            rules(),
+        );
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(&got[..], b"hello world");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_trickle_of_a_byte_a_second_is_cut_off() {
-        let body = GuardedBody::new(trickle(vec![&b"x"[..]; 60], Duration::from_secs(1)), rules());
+        let body = GuardedBody::new(
+            trickle(vec![&b"x"[..]; 60], Duration::from_secs(1)),
+            rules(),
+        );
         let err = body.collect().await.unwrap_err();
         assert_eq!(err.code(), &s3s::S3ErrorCode::RequestTimeout);
     }
@@ -184,7 +190,10 @@ mod tests {
             Result<Frame<Bytes>, std::convert::Infallible>,
         >());
         let started = Instant::now();
-        let err = GuardedBody::new(stalled, rules()).collect().await.unwrap_err();
+        let err = GuardedBody::new(stalled, rules())
+            .collect()
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), &s3s::S3ErrorCode::RequestTimeout);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }

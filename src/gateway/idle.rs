@@ -27,7 +27,6 @@ impl Default for InFlight {
 }
 
 impl InFlight {
-
     pub fn begin(&self) -> Busy {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
         Busy(self.clone())

@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(err.code(), &s3s::S3ErrorCode::SlowDown);
         rates.check_tenant("b").unwrap();
         assert!(rates.admit_connection(addr) && rates.admit_connection(addr));
-        assert!(!rates.admit_connection(addr), "two new connections a second");
+        assert!(
+            !rates.admit_connection(addr),
+            "two new connections a second"
+        );
     }
 
     #[test]

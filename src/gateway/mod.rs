@@ -105,9 +105,9 @@ pub async fn start(cfg: GatewayConfig) -> anyhow::Result<RunningGateway> {
     builder.set_auth(KeyCacheAuth(keys));
     let mut s3_config = s3s::config::S3Config::default();
     s3_config.presigned_url_max_skew_time_secs = limits.max_clock_skew_secs;
-    builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(
-        Arc::new(s3_config),
-    )));
+    builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
+        s3_config,
+    ))));
     let slots = ConnectionSlots::new(&limits);
     let shared = Arc::new(Shared {
         service: builder.build(),

@@ -125,7 +125,10 @@ impl Table {
         }
         if let Some(l) = probe_latency {
             let ms = l.as_secs_f64() * 1000.0;
-            h.latency_ms = Some(h.latency_ms.map_or(ms, |old| (1.0 - ALPHA) * old + ALPHA * ms));
+            h.latency_ms = Some(
+                h.latency_ms
+                    .map_or(ms, |old| (1.0 - ALPHA) * old + ALPHA * ms),
+            );
         }
     }
 }

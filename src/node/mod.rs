@@ -17,9 +17,9 @@ use crate::crypto::master::MasterKeys;
 use crate::crypto::tenant_keys::wrap_dek;
 use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
-use crate::tls::ReloadableIdentity;
 use crate::shard::command::AccessKey;
 use crate::shard::{Command, ShardError, ShardHost};
+use crate::tls::ReloadableIdentity;
 use crate::types::{now_ms, ShardId};
 use anyhow::Context;
 use chunks::Chunks;
@@ -114,8 +114,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let service = pb::node_server::NodeServer::new(service::NodeService::new(objects.clone()))
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let (incoming, accept) = listener::tls_incoming(
         listener,
         crate::tls::rpc_server_config(&cfg.tls.ca, identity.clone())?,

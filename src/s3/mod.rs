@@ -59,7 +59,9 @@ impl S3Front {
         let mut last = None;
         for attempt in 0..self.router.len().min(3) {
             let (i, client) = match request.bucket() {
-                Some((tenant, bucket)) if attempt == 0 => self.router.pick_for_bucket(tenant, bucket),
+                Some((tenant, bucket)) if attempt == 0 => {
+                    self.router.pick_for_bucket(tenant, bucket)
+                }
                 _ => self.router.pick(),
             };
             match f(client, request.clone()).await {
