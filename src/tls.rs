@@ -221,6 +221,15 @@ pub fn public_server_config(
     Ok(Arc::new(cfg))
 }
 
+/// The cluster CA as the trust root of internal mutual TLS.
+fn cluster_roots(ca: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
+        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    Ok(roots)
+}
+
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -231,10 +240,7 @@ pub fn rpc_server_config(
     ca: &Path,
     identity: Arc<ReloadableIdentity>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
-        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
-    }
+    let roots = cluster_roots(ca)?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()?;
@@ -305,10 +311,7 @@ impl rustls::client::danger::ServerCertVerifier for NodesOnly {
 pub fn rpc_client_config(
     files: &crate::config::TlsFiles,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut read(&files.ca)?.as_slice()) {
-        roots.add(cert.with_context(|| format!("parsing {}", files.ca.display()))?)?;
-    }
+    let roots = cluster_roots(&files.ca)?;
     let webpki =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()?;

@@ -6,9 +6,9 @@
 //! API, and nothing else. A compromised gateway in the DMZ can therefore
 //! neither join a Raft group nor create tenants or rotate keys.
 
+use super::listener::PeerRole;
 use crate::tls::Role;
 use std::task::{Context, Poll};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 /// The one role allowed to call `method` (the last part of the gRPC path),
 /// or `None` for a method this table does not know, which nobody may call.
@@ -33,11 +33,7 @@ fn check<B>(req: &http::Request<B>) -> Result<(), tonic::Status> {
     let method = path.rsplit('/').next().unwrap_or_default();
     let needed = role_for(method)
         .ok_or_else(|| tonic::Status::unimplemented(format!("no such method {path}")))?;
-    let peer = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.peer_certs())
-        .and_then(|certs| certs.first().and_then(|c| Role::of_certificate(c)));
+    let peer = req.extensions().get::<PeerRole>().and_then(|role| role.0);
     match peer {
         Some(role) if role == needed => Ok(()),
         Some(role) => Err(tonic::Status::permission_denied(format!(
