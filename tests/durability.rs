@@ -228,23 +228,20 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let caught_up = Instant::now();
     loop {
         let view = status(&admin).await;
-        let chunks: Vec<u64> = view.nodes.iter().map(|n| n.chunk_count).collect();
-        let shard = view.shards.iter().find(|s| s.shard == index_shard).unwrap();
         let up = view.nodes.iter().all(|n| n.up);
-        let laggard_view = &view.nodes[laggard - 1];
-        if up && chunks.iter().all(|c| *c == chunks[0]) && laggard_view.replicas > 0 {
-            let lagging = laggard_applied(&admin, laggard, index_shard).await;
-            if lagging >= shard.last_applied {
-                println!(
-                    "node {laggard} caught up in {:?} (applied {lagging}, chunks {chunks:?})",
-                    caught_up.elapsed()
-                );
-                break;
-            }
+        let missing: Vec<u64> = view.nodes.iter().map(|n| n.chunks_missing).collect();
+        let behind = shards_behind(&admin, laggard, &view).await;
+        if up && behind.is_empty() && missing.iter().all(|m| *m == 0) {
+            let chunks: Vec<u64> = view.nodes.iter().map(|n| n.chunk_count).collect();
+            println!(
+                "node {laggard} caught up in {:?} (chunks per node {chunks:?})",
+                caught_up.elapsed()
+            );
+            break;
         }
         assert!(
             caught_up.elapsed() < Duration::from_secs(60),
-            "node {laggard} did not catch up: chunks {chunks:?}"
+            "node {laggard} did not catch up: shards behind {behind:?}, chunks missing per node {missing:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -280,18 +277,27 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
 }
 
 /// The last applied index of `shard` on node `id` alone.
-async fn laggard_applied(admin: &AdminConfig, id: usize, shard: u32) -> u64 {
+/// The shards whose state on node `id` is behind what the cluster applied.
+async fn shards_behind(
+    admin: &AdminConfig,
+    id: usize,
+    view: &lumbung::admin::status::ClusterView,
+) -> Vec<u32> {
     let pool = lumbung::rpc::Pool::new(&admin.tls).unwrap();
     let mut client = pool.client(admin.nodes[id - 1]).unwrap();
-    let status = client
-        .status(lumbung::rpc::pb::Empty {})
-        .await
-        .unwrap()
-        .into_inner();
-    status
+    let Ok(status) = client.status(lumbung::rpc::pb::Empty {}).await else {
+        return vec![u32::MAX];
+    };
+    let applied: std::collections::HashMap<u32, u64> = status
+        .into_inner()
         .shards
         .iter()
-        .find(|s| s.shard == shard)
-        .map(|s| s.last_applied)
-        .unwrap_or(0)
+        .map(|s| (s.shard, s.last_applied))
+        .collect();
+    view.shards
+        .iter()
+        .filter(|s| s.voters.contains(&(id as u64)))
+        .filter(|s| applied.get(&s.shard).copied().unwrap_or(0) < s.last_applied)
+        .map(|s| s.shard)
+        .collect()
 }

@@ -15,6 +15,8 @@ pub struct NodeView {
     pub error: Option<String>,
     pub chunk_bytes: u64,
     pub chunk_count: u64,
+    /// Chunks its replicas record that it is still fetching.
+    pub chunks_missing: u64,
     pub rss_bytes: u64,
     pub replicas: usize,
     pub leads: usize,
@@ -90,6 +92,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                     error: Some(error),
                     chunk_bytes: 0,
                     chunk_count: 0,
+                    chunks_missing: 0,
                     rss_bytes: 0,
                     replicas: 0,
                     leads: 0,
@@ -127,6 +130,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
             error: None,
             chunk_bytes: status.chunk_bytes,
             chunk_count: status.chunk_count,
+            chunks_missing: status.chunks_missing,
             rss_bytes: status.rss_bytes,
             replicas: status.shards.len(),
             leads,
@@ -162,8 +166,8 @@ fn mib(b: u64) -> String {
 pub fn render(view: &ClusterView) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>10}\n",
-        "NODE", "ADDRESS", "HEALTH", "REPLICAS", "LEADS", "CHUNK BYTES", "CHUNKS", "RSS"
+        "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
+        "NODE", "ADDRESS", "HEALTH", "REPLICAS", "LEADS", "CHUNK BYTES", "CHUNKS", "MISSING", "RSS"
     ));
     for n in &view.nodes {
         let id = if n.up {
@@ -172,7 +176,7 @@ pub fn render(view: &ClusterView) -> String {
             "?".into()
         };
         out.push_str(&format!(
-            "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>10}\n",
+            "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
             id,
             n.addr,
             if n.up { "up" } else { "DOWN" },
@@ -180,6 +184,7 @@ pub fn render(view: &ClusterView) -> String {
             n.leads,
             mib(n.chunk_bytes),
             n.chunk_count,
+            n.chunks_missing,
             mib(n.rss_bytes)
         ));
         if let Some(e) = &n.error {

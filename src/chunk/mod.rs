@@ -7,6 +7,10 @@
 //! that differ from the name, and moves a corrupt file aside so it can be
 //! repaired from another replica.
 
+mod missing;
+
+pub use missing::Missing;
+
 use crate::types::ChunkId;
 use bytes::Bytes;
 use std::io::Write;

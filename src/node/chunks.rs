@@ -2,7 +2,7 @@
 //! counts as stored once a majority have fsynced it; reads take the first
 //! replica whose copy verifies.
 
-use crate::chunk::ChunkStore;
+use crate::chunk::{ChunkStore, Missing};
 use crate::rpc::{error_of, pb};
 use crate::shard::command::ChunkSpan;
 use crate::shard::{Command, ShardError, ShardHost};
@@ -12,13 +12,14 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// The chunk side of a node: local files plus the replicas of other nodes.
 #[derive(Clone)]
 pub struct Chunks {
     pub host: Arc<ShardHost>,
     pub store: Arc<ChunkStore>,
+    /// Chunks the local replicas record but this node may not hold yet.
+    pub missing: Arc<Missing>,
 }
 
 impl Chunks {
@@ -161,30 +162,56 @@ impl Chunks {
         }
     }
 
-    /// Fetches chunks this node should hold but does not, as the shards'
-    /// logs and snapshots name them. Each is looked at a moment after it
-    /// was named, so a write still in flight is not copied twice.
-    pub async fn repair(self, mut named: mpsc::UnboundedReceiver<(ChunkId, std::time::Instant)>) {
-        while let Some((id, named_at)) = named.recv().await {
-            if self.store.contains(&id) {
-                continue;
+    /// Names every recorded chunk this node lacks, so the repair task
+    /// fetches it: a node killed between applying a record and fetching
+    /// its chunk would otherwise never learn of it again.
+    fn audit(&self) -> usize {
+        let mut named = 0;
+        for id in self.host.recorded_chunks() {
+            if !self.store.contains(&id) {
+                self.missing.name(id);
+                named += 1;
             }
-            tokio::time::sleep_until((named_at + Duration::from_millis(500)).into()).await;
-            if self.store.contains(&id) {
-                continue;
+        }
+        named
+    }
+
+    /// Fetches chunks this node should hold but does not, after auditing
+    /// what the local replicas record, from the other replicas of their
+    /// shards.
+    pub async fn repair(self) {
+        let audit = self.clone();
+        match tokio::task::spawn_blocking(move || audit.audit()).await {
+            Ok(0) => {}
+            Ok(named) => tracing::info!(named, "start-up audit found chunks to repair"),
+            Err(e) => tracing::error!("start-up chunk audit failed: {e}"),
+        }
+        let missing = self.missing.clone();
+        loop {
+            let id = missing.next().await;
+            if self.store.contains(&id) || self.copy_from_peers(id).await {
+                missing.done(id);
+            } else {
+                let attempts = missing.retry(id);
+                tracing::warn!(chunk = %id.to_hex(), attempts, "no replica could give a missing chunk yet");
             }
-            let members = self
-                .host
-                .layout
-                .replicas(self.host.layout.shard_for_chunk(&id));
-            for node in members.into_iter().filter(|n| *n != self.host.id) {
-                if let Ok(Some(data)) = self.get_from(node, id).await {
-                    if let Err(e) = self.store.put_verified(id, data).await {
-                        tracing::warn!(chunk = ?id, "repair write failed: {e}");
-                    }
-                    break;
+        }
+    }
+
+    /// Copies one chunk from the first other replica whose copy verifies.
+    async fn copy_from_peers(&self, id: ChunkId) -> bool {
+        let members = self
+            .host
+            .layout
+            .replicas(self.host.layout.shard_for_chunk(&id));
+        for node in members.into_iter().filter(|n| *n != self.host.id) {
+            if let Ok(Some(data)) = self.get_from(node, id).await {
+                match self.store.put_verified(id, data).await {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!(chunk = %id.to_hex(), "repair write failed: {e}"),
                 }
             }
         }
+        false
     }
 }

@@ -26,7 +26,7 @@ use chunks::Chunks;
 use objects::Objects;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// A node that is serving; dropping it does not stop it, `stop` does.
 pub struct RunningNode {
@@ -87,7 +87,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
     let identity = ReloadableIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
-    let (named_tx, named_rx) = mpsc::unbounded_channel();
+    let missing = Arc::new(crate::chunk::Missing::default());
     let host = Arc::new(
         ShardHost::start(
             cfg.node_id,
@@ -96,15 +96,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             &db,
             &cfg.data_dir,
             pool.clone(),
-            named_tx,
+            missing.clone(),
         )
         .await?,
     );
     let chunks = Chunks {
         host: host.clone(),
         store,
+        missing,
     };
-    let repair = tokio::spawn(chunks.clone().repair(named_rx));
+    let repair = tokio::spawn(chunks.clone().repair());
     let objects = Objects {
         chunks,
         keys: Arc::new(keys::KeyCache::new(master)),

@@ -664,6 +664,7 @@ impl Node for NodeService {
             shards: host.status(),
             chunk_bytes,
             chunk_count,
+            chunks_missing: self.objects.chunks.missing.len() as u64,
             rss_bytes: rss_bytes(),
             gateways: self.fresh_gateway_views(),
         })

@@ -17,7 +17,7 @@ use super::Raft;
 use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
 use crate::rpc::{error_of, pb, Pool};
-use crate::types::{NodeId, ShardId};
+use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
@@ -158,6 +158,11 @@ impl ShardHost {
         let mut v: Vec<_> = self.replicas.keys().copied().collect();
         v.sort();
         v
+    }
+
+    /// Every chunk the local replicas record, shard by shard.
+    pub fn recorded_chunks(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.replicas.values().flat_map(|r| r.state.chunk_ids())
     }
 
     pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {

@@ -148,6 +148,14 @@ impl State {
         State { tree }
     }
 
+    /// Every chunk this replica's state records.
+    pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.tree
+            .scan_prefix([tag::CHUNK])
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| chunk_of_key(&k)))
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Io<Option<T>> {
         match self.tree.get(k).map_err(io)? {
             Some(v) => Ok(Some(decode(&v)?)),

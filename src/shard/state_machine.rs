@@ -15,18 +15,16 @@ use super::command::{decode, encode, Command, Reply, Value};
 use super::snapshot;
 use super::state::{chunk_of_key, State};
 use super::TypeConfig;
-use crate::types::{ChunkId, NodeId, ShardId};
+use crate::types::{NodeId, ShardId};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
 use std::path::PathBuf;
-use std::time::Instant;
-use tokio::sync::mpsc;
 
-/// Where a state machine reports the chunks it learns of, and when.
-pub type ChunkRefs = mpsc::UnboundedSender<(ChunkId, Instant)>;
+/// Where a state machine reports the chunks its replica should hold.
+pub type ChunkRefs = std::sync::Arc<crate::chunk::Missing>;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 /// The last applied log id and the membership it implies.
@@ -197,7 +195,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Ok(_) => {
                             if let Command::AddChunks { chunks } = cmd {
                                 for (id, _) in chunks {
-                                    let _ = self.chunk_refs.send((*id, Instant::now()));
+                                    self.chunk_refs.name(*id);
                                 }
                             }
                         }
@@ -284,7 +282,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             "installed snapshot from the leader"
         );
         for id in chunks {
-            let _ = self.chunk_refs.send((id, Instant::now()));
+            self.chunk_refs.name(id);
         }
         Ok(())
     }
