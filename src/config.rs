@@ -42,14 +42,9 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
+    /// The layout the cluster starts with, before any change.
     pub fn layout(&self) -> Layout {
-        let mut nodes: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
-        nodes.sort_unstable();
-        Layout {
-            nodes,
-            shards: self.shards,
-            replication: self.replication,
-        }
+        Layout::initial(self)
     }
 
     pub fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {

@@ -31,42 +31,47 @@ impl Chunks {
         self.host.pool().client(addr)
     }
 
-    /// Writes `data` to every replica of its shard; returns once a majority
-    /// has it on disk. Slower replicas finish in the background.
+    /// Writes `data` to every holder of its shard (voters and a joining
+    /// learner); returns once a majority of the voters has it on disk.
+    /// Slower holders finish in the background.
     pub async fn replicate(&self, data: Bytes) -> Result<ChunkId, ShardError> {
         let id = ChunkId::of(&data);
-        let members = self
-            .host
-            .layout
-            .replicas(self.host.layout.shard_for_chunk(&id));
-        let needed = members.len() / 2 + 1;
-        let mut writes: FuturesUnordered<_> = members
-            .iter()
-            .map(|&node| {
+        let layout = self.host.layout();
+        let shard = layout.shard_for_chunk(&id);
+        let voters = layout.replicas(shard);
+        let needed = voters.len() / 2 + 1;
+        let mut writes: FuturesUnordered<_> = layout
+            .holders(shard)
+            .into_iter()
+            .map(|node| {
                 let this = self.clone();
                 let data = data.clone();
-                tokio::spawn(async move { this.put_on(node, id, data).await })
+                let write = tokio::spawn(async move { this.put_on(node, id, data).await });
+                async move { (node, write.await) }
             })
             .collect();
         let (mut ok, mut failed) = (0, Vec::new());
-        while let Some(r) = writes.next().await {
+        while let Some((node, r)) = writes.next().await {
+            let voter = voters.contains(&node);
             match r
                 .map_err(|e| ShardError::Internal(e.to_string()))
                 .and_then(|r| r)
             {
-                Ok(()) => ok += 1,
-                Err(e) => failed.push(e.to_string()),
+                Ok(()) if voter => ok += 1,
+                Ok(()) => {}
+                Err(e) if voter => failed.push(e.to_string()),
+                Err(_) => {}
             }
             if ok >= needed {
                 return Ok(id);
             }
-            if failed.len() > members.len() - needed {
+            if failed.len() > voters.len() - needed {
                 break;
             }
         }
         Err(ShardError::Unavailable(format!(
             "chunk stored on {ok} of {} replicas: {}",
-            members.len(),
+            voters.len(),
             failed.join("; ")
         )))
     }
@@ -97,7 +102,7 @@ impl Chunks {
         let mut by_shard: BTreeMap<ShardId, Vec<(ChunkId, u64)>> = BTreeMap::new();
         for s in spans {
             by_shard
-                .entry(self.host.layout.shard_for_chunk(&s.id))
+                .entry(self.host.layout().shard_for_chunk(&s.id))
                 .or_default()
                 .push((s.id, s.len));
         }
@@ -114,10 +119,8 @@ impl Chunks {
     /// Reads a chunk from the first replica whose copy verifies, this node
     /// first.
     pub async fn fetch(&self, id: ChunkId) -> Result<Bytes, ShardError> {
-        let mut members = self
-            .host
-            .layout
-            .replicas(self.host.layout.shard_for_chunk(&id));
+        let layout = self.host.layout();
+        let mut members = layout.holders(layout.shard_for_chunk(&id));
         members.sort_by_key(|n| *n != self.host.id);
         let mut errors = Vec::new();
         for node in members {
@@ -200,10 +203,8 @@ impl Chunks {
 
     /// Copies one chunk from the first other replica whose copy verifies.
     async fn copy_from_peers(&self, id: ChunkId) -> bool {
-        let members = self
-            .host
-            .layout
-            .replicas(self.host.layout.shard_for_chunk(&id));
+        let layout = self.host.layout();
+        let members = layout.holders(layout.shard_for_chunk(&id));
         for node in members.into_iter().filter(|n| *n != self.host.id) {
             if let Ok(Some(data)) = self.get_from(node, id).await {
                 match self.store.put_verified(id, data).await {

@@ -64,7 +64,7 @@ pub fn apply_master_step(
 
 impl Objects {
     fn all_nodes(&self) -> Vec<NodeId> {
-        self.chunks.host.layout.nodes.clone()
+        self.chunks.host.layout().live_nodes()
     }
 
     /// Runs a rotation step on `node`, this one included.
@@ -259,7 +259,7 @@ impl Objects {
     }
 
     async fn purge_index(&self, tenant: &str, bucket: &str) -> Result<()> {
-        let shard = self.chunks.host.layout.shard_for_bucket(tenant, bucket);
+        let shard = self.chunks.host.layout().shard_for_bucket(tenant, bucket);
         loop {
             let cmd = Command::PurgeIndex {
                 tenant: tenant.to_string(),

@@ -78,7 +78,7 @@ impl Objects {
     }
 
     fn index(&self, tenant: &str, bucket: &str) -> ShardId {
-        self.host().layout.shard_for_bucket(tenant, bucket)
+        self.host().layout().shard_for_bucket(tenant, bucket)
     }
 
     pub async fn access_key(

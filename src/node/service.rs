@@ -648,7 +648,7 @@ impl Node for NodeService {
         ok(pb::MasterRotation {
             generation,
             rewrapped,
-            nodes: self.objects.chunks.host.layout.nodes.len() as u32,
+            nodes: self.objects.chunks.host.layout().live_nodes().len() as u32,
         })
     }
 
@@ -672,15 +672,15 @@ impl Node for NodeService {
 
     async fn routes(&self, _req: Request<pb::Empty>) -> Rpc<pb::RouteTable> {
         let host = &self.objects.chunks.host;
+        let layout = host.layout();
         ok(pb::RouteTable {
             node_id: host.id,
-            shards: host.layout.shards,
-            nodes: host
-                .layout
-                .nodes
-                .iter()
-                .filter_map(|&id| {
-                    host.addr_of(id).map(|a| pb::NodeAddress {
+            shards: layout.shards,
+            nodes: layout
+                .live_nodes()
+                .into_iter()
+                .filter_map(|id| {
+                    layout.addr_of(id).map(|a| pb::NodeAddress {
                         id,
                         addr: a.to_string(),
                     })

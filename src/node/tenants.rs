@@ -138,7 +138,7 @@ impl Objects {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
         };
-        let shard = self.chunks.host.layout.shard_for_bucket(tenant, bucket);
+        let shard = self.chunks.host.layout().shard_for_bucket(tenant, bucket);
         match self.chunks.host.query(shard, &q).await? {
             Value::Usage(u) => Ok(u),
             v => Err(ShardError::Internal(format!("unexpected reply {v:?}"))),

@@ -21,7 +21,7 @@ use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -37,17 +37,29 @@ struct Replica {
     reads: ReadGate,
 }
 
+/// What opening a replica takes, kept for replicas a new layout assigns.
+struct Opener {
+    config: Arc<Config>,
+    db: sled::Db,
+    log: Arc<SegmentLog>,
+    snapshots: std::path::PathBuf,
+    chunk_refs: super::state_machine::ChunkRefs,
+}
+
 /// The shards of this node.
 pub struct ShardHost {
     pub id: NodeId,
-    pub layout: Layout,
-    spec: ClusterSpec,
-    replicas: HashMap<ShardId, Replica>,
+    layout: RwLock<Arc<Layout>>,
+    replicas: RwLock<HashMap<ShardId, Arc<Replica>>>,
+    opener: Opener,
     pool: Arc<Pool>,
     /// Last leader seen per shard, to send the next call straight there.
     hints: Mutex<HashMap<ShardId, NodeId>>,
     pub flusher: Flusher,
 }
+
+/// Where the node keeps the newest layout it has seen, in its `node` tree.
+const LAYOUT_KEY: &[u8] = b"layout";
 
 /// A call to run on a shard's leader.
 enum Call<'a> {
@@ -67,7 +79,6 @@ impl ShardHost {
         pool: Arc<Pool>,
         chunk_refs: super::state_machine::ChunkRefs,
     ) -> anyhow::Result<ShardHost> {
-        let layout = spec.layout();
         let config = Arc::new(
             Config {
                 cluster_name: "lumbung".into(),
@@ -85,62 +96,74 @@ impl ShardHost {
         let snapshots = data_dir.join("snapshots");
         std::fs::create_dir_all(&snapshots)?;
         let flusher = Flusher::start(db.clone(), log.clone());
-        let mut replicas = HashMap::new();
-        for shard in layout.shards_of(id) {
-            let log_store = LogStore::open(db, log.clone(), shard, flusher.clone())?;
-            let state = State::new(db.open_tree(format!("sm/{shard}"))?);
-            let sm = StateMachine::new(
-                shard,
-                state.clone(),
-                flusher.clone(),
-                chunk_refs.clone(),
-                snapshots.clone(),
-            );
-            let network = Network {
-                shard,
-                pool: pool.clone(),
-            };
-            let raft = Raft::new(id, config.clone(), network, log_store, sm).await?;
-            replicas.insert(
-                shard,
-                Replica {
-                    raft,
-                    state,
-                    reads: ReadGate::default(),
-                },
-            );
-        }
+        let layout = match db.open_tree("node")?.get(LAYOUT_KEY)? {
+            Some(saved) => decode::<Layout>(&saved)?,
+            None => spec.layout(),
+        };
         let host = ShardHost {
             id,
-            layout,
-            spec: spec.clone(),
-            replicas,
+            layout: RwLock::new(Arc::new(layout.clone())),
+            replicas: RwLock::new(HashMap::new()),
+            opener: Opener {
+                config,
+                db: db.clone(),
+                log,
+                snapshots,
+                chunk_refs,
+            },
             pool,
             hints: Mutex::new(HashMap::new()),
             flusher,
         };
-        host.initialize_groups().await?;
+        for shard in layout.shards_of(id) {
+            host.open(shard, pool_network(&host, shard)).await?;
+        }
+        if layout.epoch == 0 {
+            host.initialize_groups().await?;
+        }
         Ok(host)
     }
 
+    async fn open(&self, shard: ShardId, network: Network) -> anyhow::Result<()> {
+        let o = &self.opener;
+        let log_store = LogStore::open(&o.db, o.log.clone(), shard, self.flusher.clone())?;
+        let state = State::new(o.db.open_tree(format!("sm/{shard}"))?);
+        let sm = StateMachine::new(
+            shard,
+            state.clone(),
+            self.flusher.clone(),
+            o.chunk_refs.clone(),
+            o.snapshots.clone(),
+        );
+        let raft = Raft::new(self.id, o.config.clone(), network, log_store, sm).await?;
+        let replica = Replica {
+            raft,
+            state,
+            reads: ReadGate::default(),
+        };
+        self.replicas
+            .write()
+            .unwrap()
+            .insert(shard, Arc::new(replica));
+        Ok(())
+    }
+
     /// The first replica of each shard creates its group once; the others
-    /// learn the membership from it.
+    /// learn the membership from it. Only a cluster's first layout does
+    /// this: later replicas join groups that exist.
     async fn initialize_groups(&self) -> anyhow::Result<()> {
-        for (shard, replica) in &self.replicas {
-            let members = self.layout.replicas(*shard);
+        let layout = self.layout();
+        for shard in self.local_shards() {
+            let members = layout.replicas(shard);
+            let Some(replica) = self.replica(shard) else {
+                continue;
+            };
             if members[0] != self.id || replica.raft.is_initialized().await? {
                 continue;
             }
             let nodes: BTreeMap<NodeId, BasicNode> = members
                 .iter()
-                .map(|n| {
-                    let addr = self
-                        .spec
-                        .addr_of(*n)
-                        .map(|a| a.to_string())
-                        .unwrap_or_default();
-                    (*n, BasicNode { addr })
-                })
+                .map(|n| (*n, basic_node(&layout, *n)))
                 .collect();
             if let Err(e) = replica.raft.initialize(nodes).await {
                 tracing::debug!(%shard, "initialize: {e}");
@@ -149,24 +172,84 @@ impl ShardHost {
         Ok(())
     }
 
-    pub fn raft(&self, shard: ShardId) -> Option<&Raft> {
-        self.replicas.get(&shard).map(|r| &r.raft)
+    /// The newest layout this node knows.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.layout.read().unwrap().clone()
+    }
+
+    /// Adopts `next` if it is newer than the current layout: keeps it on
+    /// disk, opens replicas of shards it newly assigns here and closes
+    /// (and wipes) the ones it takes away. Returns the shards closed, so
+    /// the caller can drop their chunks.
+    pub async fn adopt(&self, next: Layout) -> anyhow::Result<Vec<ShardId>> {
+        let current = self.layout();
+        if next.epoch <= current.epoch {
+            return Ok(Vec::new());
+        }
+        let tree = self.opener.db.open_tree("node")?;
+        tree.insert(LAYOUT_KEY, encode(&next))?;
+        tree.flush_async().await?;
+        let (was, now) = (current.shards_of(self.id), next.shards_of(self.id));
+        *self.layout.write().unwrap() = Arc::new(next);
+        tracing::info!(epoch = self.layout().epoch, "adopted a new layout");
+        for &shard in now.iter().filter(|s| !was.contains(s)) {
+            self.wipe(shard).await?;
+            self.open(shard, pool_network(self, shard)).await?;
+            tracing::info!(%shard, "opened a replica the layout assigns here");
+        }
+        let gone: Vec<ShardId> = was.into_iter().filter(|s| !now.contains(s)).collect();
+        for &shard in &gone {
+            let replica = self.replicas.write().unwrap().remove(&shard);
+            if let Some(r) = replica {
+                let _ = r.raft.shutdown().await;
+            }
+            self.wipe(shard).await?;
+            tracing::info!(%shard, "closed and wiped a replica the layout moved away");
+        }
+        Ok(gone)
+    }
+
+    /// Forgets everything this node stored of `shard`: its state, vote,
+    /// log entries and snapshot files.
+    async fn wipe(&self, shard: ShardId) -> anyhow::Result<()> {
+        let o = &self.opener;
+        o.db.drop_tree(format!("sm/{shard}"))?;
+        o.db.drop_tree(format!("vote/{shard}"))?;
+        o.log.truncate(shard, 0)?;
+        self.flusher.sync().await?;
+        let prefix = format!("shard-{shard}.");
+        for f in std::fs::read_dir(&o.snapshots)? {
+            let f = f?;
+            if f.file_name().to_string_lossy().starts_with(&prefix) {
+                std::fs::remove_file(f.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn replica(&self, shard: ShardId) -> Option<Arc<Replica>> {
+        self.replicas.read().unwrap().get(&shard).cloned()
+    }
+
+    pub fn raft(&self, shard: ShardId) -> Option<Raft> {
+        self.replica(shard).map(|r| r.raft.clone())
     }
 
     /// This node's replicas, in shard order.
     pub fn local_shards(&self) -> Vec<ShardId> {
-        let mut v: Vec<_> = self.replicas.keys().copied().collect();
+        let mut v: Vec<_> = self.replicas.read().unwrap().keys().copied().collect();
         v.sort();
         v
     }
 
     /// Every chunk the local replicas record, shard by shard.
-    pub fn recorded_chunks(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        self.replicas.values().flat_map(|r| r.state.chunk_ids())
+    pub fn recorded_chunks(&self) -> Vec<ChunkId> {
+        let replicas: Vec<Arc<Replica>> = self.replicas.read().unwrap().values().cloned().collect();
+        replicas.iter().flat_map(|r| r.state.chunk_ids()).collect()
     }
 
     pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {
-        self.spec.addr_of(node)
+        self.layout().addr_of(node)
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -184,7 +267,7 @@ impl ShardHost {
     }
 
     async fn route(&self, shard: ShardId, call: Call<'_>) -> Reply {
-        let members = self.layout.replicas(shard);
+        let members = self.layout().replicas(shard);
         let deadline = Instant::now() + ROUTE_DEADLINE;
         let mut target = self.leader_hint(shard).unwrap_or(members[0]);
         let mut attempt = 0usize;
@@ -228,7 +311,7 @@ impl ShardHost {
     }
 
     fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
-        if let Some(r) = self.replicas.get(&shard) {
+        if let Some(r) = self.replica(shard) {
             if let Some(l) = r.raft.metrics().borrow().current_leader {
                 return Some(l);
             }
@@ -242,7 +325,6 @@ impl ShardHost {
 
     async fn call_remote(&self, target: NodeId, shard: ShardId, call: &Call<'_>) -> Reply {
         let addr = self
-            .spec
             .addr_of(target)
             .ok_or_else(|| ShardError::Internal(format!("unknown node {target}")))?;
         let mut client = self.pool.client(addr)?;
@@ -265,7 +347,7 @@ impl ShardHost {
 
     /// Runs `cmd` if this node leads `shard`; `NotLeader` otherwise.
     pub async fn propose_here(&self, shard: ShardId, cmd: &Command) -> Reply {
-        let Some(r) = self.replicas.get(&shard) else {
+        let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
         match tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone())).await {
@@ -284,7 +366,7 @@ impl ShardHost {
 
     /// Answers `q` if this node leads `shard` and a quorum confirms it.
     pub async fn query_here(&self, shard: ShardId, q: &Query) -> Reply {
-        let Some(r) = self.replicas.get(&shard) else {
+        let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
         r.reads.confirm(&r.raft).await?;
@@ -296,7 +378,7 @@ impl ShardHost {
         self.local_shards()
             .into_iter()
             .filter_map(|s| {
-                let m = self.replicas.get(&s)?.raft.metrics().borrow().clone();
+                let m = self.replica(s)?.raft.metrics().borrow().clone();
                 Some(pb::ShardStatus {
                     shard: s.0,
                     leader: m.current_leader.unwrap_or(0),
@@ -310,8 +392,26 @@ impl ShardHost {
 
     /// Stops every Raft of this node.
     pub async fn shutdown(&self) {
-        for r in self.replicas.values() {
+        let replicas: Vec<Arc<Replica>> = self.replicas.read().unwrap().values().cloned().collect();
+        for r in replicas {
             let _ = r.raft.shutdown().await;
         }
+    }
+}
+
+fn pool_network(host: &ShardHost, shard: ShardId) -> Network {
+    Network {
+        shard,
+        pool: host.pool.clone(),
+    }
+}
+
+/// How openraft names a node in a membership: by its internal address.
+pub fn basic_node(layout: &Layout, node: NodeId) -> BasicNode {
+    BasicNode {
+        addr: layout
+            .addr_of(node)
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     }
 }
