@@ -87,8 +87,27 @@ enum AdminCommand {
         #[arg(long, default_value = "us-east-1")]
         region: String,
     },
+    /// Write the certificate, keyring copy and config file of one more
+    /// node into an existing cluster folder (made by init-cluster).
+    InitNode {
+        #[arg(long)]
+        dir: PathBuf,
+        /// An id no node of the cluster has had.
+        #[arg(long)]
+        id: u64,
+        /// Internal address the node listens on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Keyring to copy (a running node's master key file); default:
+        /// node 1's, from node1.toml.
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
     /// Nodes, their health, shards with leader and replicas, bytes stored.
     Status,
+    /// The cluster's members: add, list.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Tenants: the companies whose data the cluster holds.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -98,6 +117,26 @@ enum AdminCommand {
     /// The cluster's master key.
     #[command(subcommand)]
     Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Make a running node (certified by the cluster CA) a member. It
+    /// holds no replicas until a rebalance.
+    Add {
+        /// The node's internal address.
+        addr: std::net::SocketAddr,
+        /// Failure domain (rack, room): replicas of a shard go to distinct
+        /// zones when there are enough.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// The node's share of data relative to the others (bytes of disk,
+        /// say); default: the same as the first nodes.
+        #[arg(long)]
+        capacity: Option<u64>,
+    },
+    /// Every member with its state, zone, capacity and replica count.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -279,6 +318,24 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
                 );
             }
         }
+        AdminCommand::InitNode {
+            dir,
+            id,
+            listen,
+            keyring,
+        } => {
+            let path = admin::init::init_node(&dir, id, listen, keyring.as_deref())?;
+            if json {
+                println!("{}", serde_json::json!({ "config": path }));
+            } else {
+                println!(
+                    "wrote {}
+start it with `lumbung node --config {0}`, then add it with `lumbung admin node add {listen}`",
+                    path.display()
+                );
+            }
+        }
+        AdminCommand::Node(cmd) => node(&admin_config(config)?, json, cmd).await?,
         AdminCommand::Status => {
             let cfg = admin_config(config)?;
             let view = admin::status::collect(&cfg).await?;
@@ -291,6 +348,36 @@ async fn admin(config: Option<PathBuf>, json: bool, command: AdminCommand) -> an
         AdminCommand::Tenant(cmd) => tenant(&admin_config(config)?, json, cmd).await?,
         AdminCommand::Key(cmd) => key(&admin_config(config)?, json, cmd).await?,
         AdminCommand::Keys(cmd) => keys(&admin_config(config)?, json, cmd).await?,
+    }
+    Ok(())
+}
+
+async fn node(cfg: &AdminConfig, json: bool, cmd: NodeCommand) -> anyhow::Result<()> {
+    let members = match cmd {
+        NodeCommand::Add {
+            addr,
+            zone,
+            capacity,
+        } => admin::nodes::add(cfg, addr, &zone, capacity).await?,
+        NodeCommand::List => admin::nodes::list(cfg).await?,
+    };
+    if json {
+        let list: Vec<_> = members
+            .members
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "node_id": m.node_id, "addr": m.addr, "state": m.state,
+                    "zone": m.zone, "capacity": m.capacity, "replicas": m.replicas,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "epoch": members.epoch, "members": list })
+        );
+    } else {
+        print!("{}", admin::nodes::render(&members));
     }
     Ok(())
 }

@@ -239,3 +239,61 @@ fn fmt_host_port(host: IpAddr, port: u16) -> String {
         IpAddr::V4(h) => format!("{h}:{port}"),
     }
 }
+
+/// Writes the files of one more node into the folder of an existing
+/// cluster: a node certificate, a copy of the master keyring of an
+/// existing node (`keyring`, or node 1's) and `node<id>.toml`. The node
+/// joins once started and added with `lumbung admin node add`.
+pub fn init_node(
+    dir: &Path,
+    id: u64,
+    listen: SocketAddr,
+    keyring: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("opening {}", dir.display()))?;
+    let name = format!("node{id}");
+    let path = dir.join(format!("{name}.toml"));
+    if id == 0 {
+        bail!("node ids start at 1");
+    }
+    if path.exists() {
+        bail!("{} already exists", path.display());
+    }
+    // Any node file of the cluster has the cluster's shape and tuning.
+    let peer: NodeConfig = crate::config::load(&dir.join("node1.toml"))
+        .context("the cluster folder needs node1.toml to copy the cluster's shape from")?;
+    if peer.cluster.nodes.iter().any(|n| n.id == id) {
+        bail!("node {id} is one of the cluster's first nodes; pick an unused id");
+    }
+    let ca = Authority::load(&dir.join("ca.pem"), &dir.join("ca.key"))?;
+    let names = vec![listen.ip().to_string(), "localhost".to_string()];
+    let tls = issue(&ca, &dir, &name, &names, Role::Node)?;
+    let master_key_file = PathBuf::from(format!("{name}.master.key"));
+    let source = keyring.map_or(peer.master_key_file.clone(), Path::to_path_buf);
+    let ring = std::fs::read(&source)
+        .with_context(|| format!("reading the keyring {}", source.display()))?;
+    write_pem(
+        &dir.join(&master_key_file),
+        &String::from_utf8(ring).context("the keyring is not text")?,
+        true,
+    )?;
+    let cfg = NodeConfig {
+        node_id: id,
+        listen,
+        data_dir: format!("data/{name}").into(),
+        master_key_file,
+        tls,
+        cluster: peer.cluster,
+        raft: peer.raft,
+        bootstrap: None,
+        cache_mib: peer.cache_mib,
+    };
+    write_toml(
+        &path,
+        &format!("# Lumbung node {id} (written by `lumbung admin init-node`).\n# Run: lumbung node --config {name}.toml, then `lumbung admin node add {listen}`"),
+        &cfg,
+    )?;
+    Ok(path)
+}

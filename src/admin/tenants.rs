@@ -2,31 +2,8 @@
 //! any reachable node.
 
 use crate::config::AdminConfig;
-use crate::rpc::{error_of, pb, NodeClient, Pool};
-use anyhow::bail;
-
-/// Runs `call` on the first node that answers; domain errors are final.
-async fn on_any_node<T, F, Fut>(cfg: &AdminConfig, call: F) -> anyhow::Result<T>
-where
-    F: Fn(NodeClient) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let pool = Pool::new(&cfg.tls)?;
-    let mut last = String::from("no nodes in the admin config");
-    for addr in &cfg.nodes {
-        match call(pool.client(*addr)?).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && s.metadata().get("x-lumbung-error").is_none() =>
-            {
-                last = format!("{addr}: {}", s.message());
-            }
-            Err(s) => bail!("{}", error_of(&s)),
-        }
-    }
-    bail!("no node answered ({last})")
-}
+use super::on_any_node;
+use crate::rpc::pb;
 
 /// A tenant's limits; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default)]

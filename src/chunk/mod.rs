@@ -118,6 +118,20 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Deletes a chunk this node no longer holds a replica for.
+    pub fn remove(&self, id: &ChunkId) -> std::io::Result<()> {
+        let path = self.path(id);
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        std::fs::remove_file(&path)?;
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Reads a chunk and verifies it. `Ok(None)` when this replica does not
     /// have it, or had a corrupt copy (which is moved aside).
     pub async fn get_verified(&self, id: ChunkId) -> Result<Option<Bytes>, ChunkError> {

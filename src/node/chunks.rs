@@ -165,6 +165,21 @@ impl Chunks {
         }
     }
 
+    /// How many of the chunks this node's replica of `shard` records are on
+    /// disk; `None` if it has no replica of the shard.
+    pub fn count_in(&self, shard: ShardId) -> Option<pb::ShardChunkCount> {
+        let mut count = pb::ShardChunkCount::default();
+        for (id, len) in self.host.recorded_chunks_of(shard)? {
+            count.recorded += 1;
+            count.recorded_bytes += len;
+            if !self.store.contains(&id) {
+                count.missing += 1;
+                count.missing_bytes += len;
+            }
+        }
+        Some(count)
+    }
+
     /// Names every recorded chunk this node lacks, so the repair task
     /// fetches it: a node killed between applying a record and fetching
     /// its chunk would otherwise never learn of it again.

@@ -7,6 +7,7 @@ pub mod chunks;
 pub mod key_admin;
 pub mod keys;
 pub mod listener;
+pub mod members;
 pub mod objects;
 pub mod service;
 pub mod tenants;
@@ -139,7 +140,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         }
     });
     let collector = tokio::spawn(collect_deleted_tenants(objects.clone()));
-    let mut background = vec![repair, collector];
+    let follower = tokio::spawn(members::follow(objects.chunks.clone()));
+    let mut background = vec![repair, collector, follower];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }

@@ -2,9 +2,12 @@
 //! Each handler decodes, calls the shard host or the object coordinator,
 //! and encodes; no logic lives here.
 
+use super::members;
 use super::objects::{Objects, Target};
+use crate::placement::{Layout, Member, MemberState, DEFAULT_CAPACITY};
 use crate::rpc::{error_of, pb, status_of};
 use crate::shard::command::{Manifest, ObjectMeta};
+use crate::shard::command::MembershipOp;
 use crate::shard::{decode, encode, Command, Query, ShardError};
 use crate::types::{ChunkId, ShardId};
 use bytes::Bytes;
@@ -47,6 +50,24 @@ fn quota_of(spec: &pb::TenantSpec) -> crate::shard::command::Quota {
     crate::shard::command::Quota {
         bytes: spec.quota_bytes,
         objects: spec.quota_objects,
+    }
+}
+
+fn members_of(layout: &Layout) -> pb::Members {
+    pb::Members {
+        epoch: layout.epoch,
+        members: layout
+            .members
+            .iter()
+            .map(|(&id, m)| pb::Member {
+                node_id: id,
+                addr: m.addr.to_string(),
+                zone: m.zone.clone(),
+                capacity: m.capacity,
+                state: m.state.name().into(),
+                replicas: layout.shards_of(id).len() as u32,
+            })
+            .collect(),
     }
 }
 
@@ -155,6 +176,30 @@ impl Node for NodeService {
         ok(pb::ShardReply {
             payload: encode(&reply).into(),
         })
+    }
+
+    async fn change_membership(&self, req: Request<pb::ShardCall>) -> Rpc<pb::ShardReply> {
+        let call = req.into_inner();
+        let op: MembershipOp = decode(&call.payload).map_err(status_of)?;
+        let reply = self
+            .objects
+            .chunks
+            .host
+            .membership_here(ShardId(call.shard), &op)
+            .await;
+        ok(pb::ShardReply {
+            payload: encode(&reply).into(),
+        })
+    }
+
+    async fn shard_chunks(&self, req: Request<pb::ShardRequest>) -> Rpc<pb::ShardChunkCount> {
+        let shard = ShardId(req.into_inner().shard);
+        let chunks = self.objects.chunks.clone();
+        let count = tokio::task::spawn_blocking(move || chunks.count_in(shard))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("no replica of shard {shard} here")))?;
+        ok(count)
     }
 
     async fn put_chunk(&self, req: Request<pb::Chunk>) -> Rpc<pb::Empty> {
@@ -650,6 +695,36 @@ impl Node for NodeService {
             rewrapped,
             nodes: self.objects.chunks.host.layout().live_nodes().len() as u32,
         })
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Rpc<pb::Members> {
+        let r = req.into_inner();
+        let addr = r
+            .addr
+            .parse()
+            .map_err(|e| bad(format!("node address {:?}: {e}", r.addr)))?;
+        let member = Member {
+            addr,
+            zone: r.zone,
+            capacity: if r.capacity == 0 {
+                DEFAULT_CAPACITY
+            } else {
+                r.capacity
+            },
+            state: MemberState::Active,
+        };
+        let host = &self.objects.chunks.host;
+        let layout = members::change(host, |l| members::add(l, r.node_id, member))
+            .await
+            .map_err(status_of)?;
+        ok(members_of(&layout))
+    }
+
+    async fn list_nodes(&self, _req: Request<pb::Empty>) -> Rpc<pb::Members> {
+        let layout = members::current(&self.objects.chunks.host)
+            .await
+            .map_err(status_of)?;
+        ok(members_of(&layout))
     }
 
     async fn status(&self, _req: Request<pb::Empty>) -> Rpc<pb::NodeStatus> {

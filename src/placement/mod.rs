@@ -38,8 +38,9 @@ pub enum MemberState {
     Draining,
     /// Holds nothing; it may be stopped and removed.
     Drained,
-    /// Declared gone for good; its replicas are re-created elsewhere.
-    Dead,
+    /// Removed for good (drained, or dead); its replicas, if any, are
+    /// re-created elsewhere. Its id is never used again.
+    Removed,
 }
 
 impl MemberState {
@@ -48,7 +49,7 @@ impl MemberState {
             MemberState::Active => "active",
             MemberState::Draining => "draining",
             MemberState::Drained => "drained",
-            MemberState::Dead => "dead",
+            MemberState::Removed => "removed",
         }
     }
 }
@@ -113,11 +114,11 @@ impl Layout {
         self.members.keys().copied().collect()
     }
 
-    /// Ids of the members not declared dead: the nodes that should answer.
+    /// Ids of the members not removed: the nodes that should answer.
     pub fn live_nodes(&self) -> Vec<NodeId> {
         self.members
             .iter()
-            .filter(|(_, m)| m.state != MemberState::Dead)
+            .filter(|(_, m)| m.state != MemberState::Removed)
             .map(|(id, _)| *id)
             .collect()
     }

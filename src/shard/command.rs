@@ -6,6 +6,7 @@
 
 use crate::crypto::tenant_keys::WrappedDek;
 use crate::types::ChunkId;
+use crate::placement::Layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -216,6 +217,12 @@ pub enum Command {
     },
     /// Chunk shard: record chunks that a majority of replicas stored.
     AddChunks { chunks: Vec<(ChunkId, u64)> },
+    /// Meta shard: replace the layout, if it is still at `expected_epoch`
+    /// (0 when none was stored yet); `layout.epoch` must be the next one.
+    SetLayout {
+        expected_epoch: u64,
+        layout: Layout,
+    },
 }
 
 /// A linearizable read of one shard's state, run on its leader.
@@ -282,6 +289,8 @@ pub enum Query {
         upload_id_marker: String,
         max: u32,
     },
+    /// Meta shard: the stored layout, if any change was ever made.
+    Layout,
 }
 
 /// One page of a listing.
@@ -318,6 +327,29 @@ pub enum Value {
         uploads: Vec<Upload>,
         truncated: bool,
     },
+    Layout(Option<Layout>),
+    /// How far a node's copy of a shard's log reaches on the leader's
+    /// books, against the leader's last entry.
+    Progress {
+        matched: u64,
+        last: u64,
+    },
+}
+
+/// A change to a shard's Raft group, run on its leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MembershipOp {
+    /// Starts replicating to `node` as a non-voting learner.
+    AddLearner { node: u64 },
+    /// How far `node` has caught up.
+    Progress { node: u64 },
+    /// Makes exactly `voters` the voters (joint consensus underneath);
+    /// members left out, learners included, leave the group.
+    SetVoters { voters: Vec<u64> },
+    /// Hands leadership to `node` (a voter), for balancing leaders.
+    TransferLeader { node: u64 },
+    /// Sent by a leader handing over to this node: start an election now.
+    Elect,
 }
 
 /// Why a shard call failed. Variants before `NotLeader` are deterministic

@@ -6,7 +6,7 @@
 //! the leader otherwise, and follows "not leader" hints and elections until
 //! a deadline passes.
 
-use super::command::{decode, encode, Command, Query, Reply, ShardError};
+use super::command::{decode, encode, Command, MembershipOp, Query, Reply, ShardError, Value};
 use super::log_store::{Flusher, LogStore};
 use super::network::Network;
 use super::read_gate::ReadGate;
@@ -49,6 +49,9 @@ struct Opener {
 /// The shards of this node.
 pub struct ShardHost {
     pub id: NodeId,
+    /// The layout the node files describe: the cluster's until the first
+    /// change is stored in the meta shard.
+    pub initial: Arc<Layout>,
     layout: RwLock<Arc<Layout>>,
     replicas: RwLock<HashMap<ShardId, Arc<Replica>>>,
     opener: Opener,
@@ -65,6 +68,7 @@ const LAYOUT_KEY: &[u8] = b"layout";
 enum Call<'a> {
     Propose(&'a Command),
     Query(&'a Query),
+    Membership(&'a MembershipOp),
 }
 
 impl ShardHost {
@@ -102,6 +106,7 @@ impl ShardHost {
         };
         let host = ShardHost {
             id,
+            initial: Arc::new(spec.layout()),
             layout: RwLock::new(Arc::new(layout.clone())),
             replicas: RwLock::new(HashMap::new()),
             opener: Opener {
@@ -179,9 +184,9 @@ impl ShardHost {
 
     /// Adopts `next` if it is newer than the current layout: keeps it on
     /// disk, opens replicas of shards it newly assigns here and closes
-    /// (and wipes) the ones it takes away. Returns the shards closed, so
-    /// the caller can drop their chunks.
-    pub async fn adopt(&self, next: Layout) -> anyhow::Result<Vec<ShardId>> {
+    /// (and wipes) the ones it takes away. Returns the chunks those
+    /// recorded, for the caller to delete.
+    pub async fn adopt(&self, next: Layout) -> anyhow::Result<Vec<ChunkId>> {
         let current = self.layout();
         if next.epoch <= current.epoch {
             return Ok(Vec::new());
@@ -197,16 +202,17 @@ impl ShardHost {
             self.open(shard, pool_network(self, shard)).await?;
             tracing::info!(%shard, "opened a replica the layout assigns here");
         }
-        let gone: Vec<ShardId> = was.into_iter().filter(|s| !now.contains(s)).collect();
-        for &shard in &gone {
+        let mut dropped = Vec::new();
+        for shard in was.into_iter().filter(|s| !now.contains(s)) {
             let replica = self.replicas.write().unwrap().remove(&shard);
             if let Some(r) = replica {
                 let _ = r.raft.shutdown().await;
+                dropped.extend(r.state.chunk_ids());
             }
             self.wipe(shard).await?;
             tracing::info!(%shard, "closed and wiped a replica the layout moved away");
         }
-        Ok(gone)
+        Ok(dropped)
     }
 
     /// Forgets everything this node stored of `shard`: its state, vote,
@@ -248,6 +254,12 @@ impl ShardHost {
         replicas.iter().flat_map(|r| r.state.chunk_ids()).collect()
     }
 
+    /// The chunks and their sizes that the local replica of `shard`
+    /// records; `None` if there is none here.
+    pub fn recorded_chunks_of(&self, shard: ShardId) -> Option<Vec<(ChunkId, u64)>> {
+        Some(self.replica(shard)?.state.chunks_with_sizes())
+    }
+
     pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {
         self.layout().addr_of(node)
     }
@@ -266,6 +278,11 @@ impl ShardHost {
         self.route(shard, Call::Query(q)).await
     }
 
+    /// Runs a membership change or progress check on `shard`'s leader.
+    pub async fn membership(&self, shard: ShardId, op: &MembershipOp) -> Reply {
+        self.route(shard, Call::Membership(op)).await
+    }
+
     async fn route(&self, shard: ShardId, call: Call<'_>) -> Reply {
         let members = self.layout().replicas(shard);
         let deadline = Instant::now() + ROUTE_DEADLINE;
@@ -276,6 +293,7 @@ impl ShardHost {
                 match &call {
                     Call::Propose(c) => self.propose_here(shard, c).await,
                     Call::Query(q) => self.query_here(shard, q).await,
+                    Call::Membership(op) => self.membership_here(shard, op).await,
                 }
             } else {
                 self.call_remote(target, shard, &call).await
@@ -333,11 +351,13 @@ impl ShardHost {
             payload: match call {
                 Call::Propose(c) => encode(*c).into(),
                 Call::Query(q) => encode(*q).into(),
+                Call::Membership(op) => encode(*op).into(),
             },
         };
         let reply = match call {
             Call::Propose(_) => client.propose(msg).await,
             Call::Query(_) => client.query(msg).await,
+            Call::Membership(_) => client.change_membership(msg).await,
         };
         match reply {
             Ok(r) => decode::<Reply>(&r.into_inner().payload)?,
@@ -362,6 +382,89 @@ impl ShardHost {
             }
             Ok(Err(e)) => Err(ShardError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Runs `op` if this node leads `shard`; `NotLeader` otherwise.
+    pub async fn membership_here(&self, shard: ShardId, op: &MembershipOp) -> Reply {
+        let Some(r) = self.replica(shard) else {
+            return Err(ShardError::NotLeader { leader: None });
+        };
+        if let MembershipOp::Elect = op {
+            r.raft
+                .trigger()
+                .elect()
+                .await
+                .map_err(|e| ShardError::Unavailable(e.to_string()))?;
+            return Ok(Value::Done);
+        }
+        let metrics = r.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return Err(ShardError::NotLeader {
+                leader: metrics.current_leader,
+            });
+        }
+        let failed = |e: String| ShardError::Unavailable(format!("shard {shard}: {e}"));
+        match op {
+            MembershipOp::AddLearner { node } => {
+                let named = basic_node(&self.layout(), *node);
+                r.raft
+                    .add_learner(*node, named, false)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            MembershipOp::Progress { node } => {
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|m| m.get(node).cloned().flatten())
+                    .map_or(0, |l| l.index);
+                let last = metrics.last_log_index.unwrap_or(0);
+                return Ok(Value::Progress { matched, last });
+            }
+            MembershipOp::SetVoters { voters } => {
+                let voters: std::collections::BTreeSet<NodeId> = voters.iter().copied().collect();
+                tokio::time::timeout(WRITE_DEADLINE, r.raft.change_membership(voters, false))
+                    .await
+                    .map_err(|_| failed(format!("membership change took over {WRITE_DEADLINE:?}")))?
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            MembershipOp::TransferLeader { node } => self.hand_over(shard, &r.raft, *node).await?,
+            MembershipOp::Elect => unreachable!("handled above"),
+        }
+        Ok(Value::Done)
+    }
+
+    /// Makes `node` the leader of `shard`, which this node leads. openraft
+    /// 0.9 has no leader transfer and followers refuse elections while a
+    /// leader's lease lasts, so the leader goes quiet until the leases end
+    /// and then asks `node` to stand; its up-to-date log wins the vote.
+    async fn hand_over(&self, shard: ShardId, raft: &Raft, node: NodeId) -> Result<(), ShardError> {
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| ShardError::InvalidArgument(format!("unknown node {node}")))?;
+        let lease = Duration::from_millis(self.opener.config.election_timeout_max);
+        raft.runtime_config().heartbeat(false);
+        tokio::time::sleep(lease + Duration::from_millis(50)).await;
+        let msg = pb::ShardCall {
+            shard: shard.0,
+            payload: encode(&MembershipOp::Elect).into(),
+        };
+        let asked = match self.pool.client(addr) {
+            Ok(mut c) => c.change_membership(msg).await.map(|_| ()).map_err(|s| error_of(&s)),
+            Err(e) => Err(e),
+        };
+        let mut metrics = raft.metrics();
+        let handed = tokio::time::timeout(lease * 2, async {
+            while metrics.borrow().current_leader == Some(self.id) {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        raft.runtime_config().heartbeat(true);
+        asked?;
+        handed.map_err(|_| ShardError::Unavailable(format!("shard {shard}: node {node} did not take over")))
     }
 
     /// Answers `q` if this node leads `shard` and a quorum confirms it.

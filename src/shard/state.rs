@@ -8,6 +8,7 @@
 
 use super::command::*;
 use crate::types::ChunkId;
+use crate::placement::Layout;
 use md5::{Digest, Md5};
 use sled::{Batch, Tree};
 
@@ -25,6 +26,7 @@ mod tag {
     pub const CHUNK: u8 = b'C';
     pub const USAGE: u8 = b'Z';
     pub const TOMBSTONE: u8 = b'D';
+    pub const LAYOUT: u8 = b'L';
 }
 
 /// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
@@ -154,6 +156,17 @@ impl State {
             .scan_prefix([tag::CHUNK])
             .keys()
             .filter_map(|k| k.ok().and_then(|k| chunk_of_key(&k)))
+    }
+
+    /// Every chunk this replica's state records, with its stored size.
+    pub fn chunks_with_sizes(&self) -> Vec<(ChunkId, u64)> {
+        self.tree
+            .scan_prefix([tag::CHUNK])
+            .filter_map(|kv| {
+                let (k, v) = kv.ok()?;
+                Some((chunk_of_key(&k)?, decode(&v).ok()?))
+            })
+            .collect()
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Io<Option<T>> {
@@ -455,6 +468,19 @@ impl State {
                 usage.bytes = usage.bytes.saturating_sub(parts_bytes);
                 batch.insert(usage_key(tenant, bucket), encode(&usage));
             }
+            Command::SetLayout {
+                expected_epoch,
+                layout,
+            } => {
+                let k = [tag::LAYOUT];
+                let stored = self.get::<Layout>(&k)?.map_or(0, |l| l.epoch);
+                if stored != *expected_epoch || layout.epoch != expected_epoch + 1 {
+                    return Err(ShardError::InvalidArgument(format!(
+                        "the layout changed meanwhile (now at epoch {stored}); try again"
+                    )));
+                }
+                batch.insert(&k, encode(layout));
+            }
             Command::AddChunks { chunks } => {
                 for (id, len) in chunks {
                     batch.insert(chunk_key(id), encode(len));
@@ -579,6 +605,7 @@ impl State {
                 }
                 Ok(Value::Tenants(out))
             }
+            Query::Layout => Ok(Value::Layout(self.get(&[tag::LAYOUT])?)),
             Query::Tombstones => {
                 let mut out = Vec::new();
                 for kv in self.tree.scan_prefix([tag::TOMBSTONE]) {

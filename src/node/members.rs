@@ -1,0 +1,99 @@
+//! Cluster membership as the admin changes it. The layout (members, and
+//! the voters of every shard) lives in the meta shard; every node follows
+//! it, opening the replicas it is given and wiping the ones taken away.
+
+use super::chunks::Chunks;
+use crate::placement::{Layout, Member, MemberState};
+use crate::shard::{Command, Query, ShardError, ShardHost, Value};
+use crate::types::{NodeId, ShardId};
+use std::time::Duration;
+
+type Result<T> = std::result::Result<T, ShardError>;
+
+/// How often a node asks the meta shard for a newer layout.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// The cluster's layout as the meta shard holds it now.
+pub async fn current(host: &ShardHost) -> Result<Layout> {
+    match host.query(ShardId::META, &Query::Layout).await? {
+        Value::Layout(Some(layout)) => Ok(layout),
+        Value::Layout(None) => Ok((*host.initial).clone()),
+        other => Err(ShardError::Internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Applies `change` to the current layout and stores the result as the
+/// next epoch. Fails, changing nothing, if `change` refuses or another
+/// change was stored meanwhile.
+pub async fn change(
+    host: &ShardHost,
+    change: impl FnOnce(&mut Layout) -> Result<()>,
+) -> Result<Layout> {
+    let mut layout = current(host).await?;
+    let expected_epoch = layout.epoch;
+    change(&mut layout)?;
+    layout.epoch = expected_epoch + 1;
+    let cmd = Command::SetLayout {
+        expected_epoch,
+        layout: layout.clone(),
+    };
+    host.propose(ShardId::META, &cmd).await?;
+    Ok(layout)
+}
+
+/// Makes `id` at `member.addr` a member. It holds nothing until a
+/// rebalance gives it replicas.
+pub fn add(layout: &mut Layout, id: NodeId, member: Member) -> Result<()> {
+    let bad = |m: String| Err(ShardError::InvalidArgument(m));
+    if id == 0 {
+        return bad("node ids start at 1".into());
+    }
+    if member.capacity == 0 {
+        return bad("a node's capacity must be above zero".into());
+    }
+    if let Some(m) = layout.members.get(&id) {
+        return bad(format!(
+            "node {id} is already a member (at {}, {})",
+            m.addr,
+            m.state.name()
+        ));
+    }
+    if let Some((other, _)) = layout.members.iter().find(|(_, m)| m.addr == member.addr) {
+        return bad(format!(
+            "{} is already the address of node {other}",
+            member.addr
+        ));
+    }
+    layout.members.insert(
+        id,
+        Member {
+            state: MemberState::Active,
+            ..member
+        },
+    );
+    Ok(())
+}
+
+/// Keeps this node's layout in step with the meta shard's, and deletes
+/// the chunks of replicas it no longer holds.
+pub async fn follow(chunks: Chunks) {
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let Ok(layout) = current(&chunks.host).await else {
+            continue;
+        };
+        if layout.epoch <= chunks.host.layout().epoch {
+            continue;
+        }
+        match chunks.host.adopt(layout).await {
+            Ok(dropped) => {
+                for id in &dropped {
+                    if let Err(e) = chunks.store.remove(id) {
+                        tracing::warn!(chunk = %id.to_hex(), "could not delete a moved chunk: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::error!("adopting a new layout: {e:#}"),
+        }
+    }
+}
