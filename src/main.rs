@@ -105,9 +105,29 @@ enum AdminCommand {
     },
     /// Nodes, their health, shards with leader and replicas, bytes stored.
     Status,
-    /// The cluster's members: add, list.
+    /// The cluster's members: add, list, drain, remove.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Move replicas so every node holds its share of replicas and bytes;
+    /// prints the plan, then follows it with a progress bar.
+    Rebalance {
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Carry out at most this many moves.
+        #[arg(long)]
+        max_moves: Option<u32>,
+        /// Keep the average copy rate under this many MB/s.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Follow the running rebalance (the cluster continues one by
+        /// itself; this only shows it).
+        #[arg(long, conflicts_with_all = ["dry_run", "cancel"])]
+        resume: bool,
+        /// Stop the running rebalance after its current move.
+        #[arg(long, conflicts_with = "dry_run")]
+        cancel: bool,
+    },
     /// Tenants: the companies whose data the cluster holds.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -137,6 +157,16 @@ enum NodeCommand {
     },
     /// Every member with its state, zone, capacity and replica count.
     List,
+    /// Move every replica off a node (a rebalance, followed to its end);
+    /// it is then drained and can be stopped and removed.
+    Drain { id: u64 },
+    /// Remove a drained node for good; with --dead, a node that is gone,
+    /// whose replicas are re-created elsewhere until every shard is at RF.
+    Remove {
+        id: u64,
+        #[arg(long)]
+        dead: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -336,6 +366,16 @@ start it with `lumbung node --config {0}`, then add it with `lumbung admin node 
             }
         }
         AdminCommand::Node(cmd) => node(&admin_config(config)?, json, cmd).await?,
+        AdminCommand::Rebalance {
+            dry_run,
+            max_moves,
+            rate,
+            resume,
+            cancel,
+        } => {
+            let cfg = admin_config(config)?;
+            rebalance(&cfg, json, dry_run, max_moves, rate, resume, cancel).await?
+        }
         AdminCommand::Status => {
             let cfg = admin_config(config)?;
             let view = admin::status::collect(&cfg).await?;
@@ -360,6 +400,14 @@ async fn node(cfg: &AdminConfig, json: bool, cmd: NodeCommand) -> anyhow::Result
             capacity,
         } => admin::nodes::add(cfg, addr, &zone, capacity).await?,
         NodeCommand::List => admin::nodes::list(cfg).await?,
+        NodeCommand::Drain { id } => {
+            let started = admin::nodes::drain(cfg, id).await?;
+            return follow_rebalance(cfg, json, started).await;
+        }
+        NodeCommand::Remove { id, dead } => {
+            let started = admin::nodes::remove(cfg, id, dead).await?;
+            return follow_rebalance(cfg, json, started).await;
+        }
     };
     if json {
         let list: Vec<_> = members
@@ -380,6 +428,88 @@ async fn node(cfg: &AdminConfig, json: bool, cmd: NodeCommand) -> anyhow::Result
         print!("{}", admin::nodes::render(&members));
     }
     Ok(())
+}
+
+/// Prints a started rebalance's plan and follows it to its end; fails if
+/// it did not finish.
+async fn follow_rebalance(
+    cfg: &AdminConfig,
+    json: bool,
+    started: lumbung::rpc::pb::RebalanceStatus,
+) -> anyhow::Result<()> {
+    if !started.exists {
+        println!("nothing to move");
+        return Ok(());
+    }
+    if !json {
+        print!("{}", admin::nodes::render_plan(&started));
+    }
+    let end = admin::nodes::watch(cfg, started.id).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "id": end.id, "state": end.state, "moves": end.moves.len(), "done": end.done, "bytes_copied": end.bytes_copied })
+        );
+    }
+    if end.state != "done" {
+        anyhow::bail!("the rebalance ended {}", end.state);
+    }
+    Ok(())
+}
+
+async fn rebalance(
+    cfg: &AdminConfig,
+    json: bool,
+    dry_run: bool,
+    max_moves: Option<u32>,
+    rate: Option<f64>,
+    resume: bool,
+    cancel: bool,
+) -> anyhow::Result<()> {
+    use lumbung::rpc::pb;
+    if resume {
+        let running = admin::nodes::progress(cfg).await?;
+        if !running.exists || running.state != "running" {
+            anyhow::bail!("no rebalance is running");
+        }
+        return follow_rebalance(cfg, json, running).await;
+    }
+    if let Some(r) = rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        anyhow::bail!("--rate must be a positive number of MB/s (got {r})");
+    }
+    let request = pb::RebalanceRequest {
+        dry_run,
+        max_moves: max_moves.unwrap_or(0),
+        rate: rate.map_or(0, |r| (r * 1e6) as u64),
+        cancel,
+    };
+    let status = admin::nodes::rebalance(cfg, request).await?;
+    if cancel {
+        println!(
+            "the rebalance stops after its current move ({} of {} done)",
+            status.done,
+            status.moves.len()
+        );
+        return Ok(());
+    }
+    if dry_run {
+        if json {
+            let moves: Vec<_> = status
+                .moves
+                .iter()
+                .map(|m| serde_json::json!({"shard": m.shard, "from": m.from, "to": m.to, "bytes": m.bytes}))
+                .collect();
+            println!("{}", serde_json::json!({ "moves": moves }));
+        } else {
+            print!("{}", admin::nodes::render_plan(&status));
+        }
+        return Ok(());
+    }
+    if status.moves.is_empty() {
+        println!("nothing to move: every node holds its share");
+        return Ok(());
+    }
+    follow_rebalance(cfg, json, status).await
 }
 
 fn admin_config(path: Option<PathBuf>) -> anyhow::Result<AdminConfig> {

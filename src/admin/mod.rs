@@ -35,4 +35,3 @@ where
     }
     bail!("no node answered ({last})")
 }
-

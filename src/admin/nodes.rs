@@ -60,3 +60,96 @@ pub fn render(members: &pb::Members) -> String {
     }
     out
 }
+
+pub async fn drain(cfg: &AdminConfig, node_id: u64) -> anyhow::Result<pb::RebalanceStatus> {
+    on_any_node(cfg, |mut c| async move {
+        c.drain_node(pb::NodeRequest { node_id }).await
+    })
+    .await
+}
+
+pub async fn remove(
+    cfg: &AdminConfig,
+    node_id: u64,
+    dead: bool,
+) -> anyhow::Result<pb::RebalanceStatus> {
+    on_any_node(cfg, |mut c| async move {
+        c.remove_node(pb::RemoveNodeRequest { node_id, dead }).await
+    })
+    .await
+}
+
+/// Plans (and unless `dry_run`, starts) a rebalance, or cancels one.
+pub async fn rebalance(
+    cfg: &AdminConfig,
+    request: pb::RebalanceRequest,
+) -> anyhow::Result<pb::RebalanceStatus> {
+    on_any_node(cfg, |mut c| {
+        let r = request;
+        async move { c.rebalance(r).await }
+    })
+    .await
+}
+
+pub async fn progress(cfg: &AdminConfig) -> anyhow::Result<pb::RebalanceStatus> {
+    on_any_node(cfg, |mut c| async move {
+        c.rebalance_progress(pb::Empty {}).await
+    })
+    .await
+}
+
+/// The plan as a table: shard, from, to, bytes.
+pub fn render_plan(status: &pb::RebalanceStatus) -> String {
+    if status.moves.is_empty() {
+        return "nothing to move: every node holds its share\n".into();
+    }
+    let mut out = format!("{:>6} {:>6} {:>6} {:>14}\n", "SHARD", "FROM", "TO", "BYTES");
+    for m in &status.moves {
+        out.push_str(&format!(
+            "{:>6} {:>6} {:>6} {:>14}\n",
+            m.shard, m.from, m.to, m.bytes
+        ));
+    }
+    let bytes: u64 = status.moves.iter().map(|m| m.bytes).sum();
+    out.push_str(&format!(
+        "{} moves, {bytes} bytes to copy\n",
+        status.moves.len()
+    ));
+    out
+}
+
+/// Follows the running rebalance with a progress bar (moves done, bytes
+/// copied, rate, time left) until it ends; returns how it ended.
+pub async fn watch(cfg: &AdminConfig, id: i64) -> anyhow::Result<pb::RebalanceStatus> {
+    let mut status = progress(cfg).await?;
+    let total: u64 = status.moves.iter().map(|m| m.bytes).sum();
+    let bar = indicatif::ProgressBar::new(total.max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    loop {
+        if status.id != id {
+            bar.abandon_with_message("another rebalance replaced this one");
+            return Ok(status);
+        }
+        bar.set_position(status.bytes_copied.min(total.max(1)));
+        bar.set_message(format!("moves {}/{}", status.done, status.moves.len()));
+        if status.state != "running" {
+            bar.finish_with_message(format!(
+                "moves {}/{}: {}",
+                status.done,
+                status.moves.len(),
+                status.state
+            ));
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A node dying mid-rebalance is expected; keep asking the others.
+        if let Ok(next) = progress(cfg).await {
+            status = next;
+        }
+    }
+}

@@ -69,13 +69,28 @@ fn with_causes(status: &tonic::Status) -> String {
     text
 }
 
+/// The nodes to ask: the members the cluster knows (nodes added since
+/// init-cluster included, removed ones left out), or the admin file's list
+/// when no node answers that question.
+async fn addresses(cfg: &AdminConfig) -> Vec<std::net::SocketAddr> {
+    match tokio::time::timeout(Duration::from_secs(5), super::nodes::list(cfg)).await {
+        Ok(Ok(members)) => members
+            .members
+            .iter()
+            .filter(|m| m.state != "removed")
+            .filter_map(|m| m.addr.parse().ok())
+            .collect(),
+        _ => cfg.nodes.clone(),
+    }
+}
+
 /// Asks every node for its status; unreachable nodes are shown as down.
 pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     let pool = Pool::new(&cfg.tls)?;
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<u32, ShardView> = BTreeMap::new();
     let mut gateways: BTreeMap<String, Vec<pb::NodeHealth>> = BTreeMap::new();
-    for addr in &cfg.nodes {
+    for addr in &addresses(cfg).await {
         let mut client = pool.client(*addr)?;
         let reply = tokio::time::timeout(Duration::from_secs(3), client.status(pb::Empty {})).await;
         let status = match reply {

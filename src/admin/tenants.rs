@@ -1,8 +1,8 @@
 //! `lumbung admin tenant …` and `key …`: tenants and access keys through
 //! any reachable node.
 
-use crate::config::AdminConfig;
 use super::on_any_node;
+use crate::config::AdminConfig;
 use crate::rpc::pb;
 
 /// A tenant's limits; `None` is unlimited.

@@ -22,7 +22,8 @@ pub fn role_for(method: &str) -> Option<Role> {
         | "ListUploads" | "Routes" | "ReportView" => Role::Gateway,
         "Status" | "CreateTenant" | "ListTenants" | "ShowTenant" | "SetQuota"
         | "RotateTenantKey" | "DeleteTenant" | "RotateMasterKey" | "CreateAccessKey"
-        | "ListAccessKeys" | "RevokeAccessKey" | "AddNode" | "ListNodes" => Role::Admin,
+        | "ListAccessKeys" | "RevokeAccessKey" | "AddNode" | "ListNodes" | "DrainNode"
+        | "RemoveNode" | "Rebalance" | "RebalanceProgress" => Role::Admin,
         _ => return None,
     })
 }

@@ -97,3 +97,66 @@ pub async fn follow(chunks: Chunks) {
         }
     }
 }
+
+fn member_state(layout: &Layout, id: NodeId) -> Result<MemberState> {
+    layout
+        .members
+        .get(&id)
+        .map(|m| m.state)
+        .ok_or_else(|| ShardError::InvalidArgument(format!("node {id} is not a member")))
+}
+
+/// Refuses to take `id` out of the active members if fewer than the
+/// replication factor would remain.
+fn keep_enough_active(layout: &Layout, id: NodeId, doing: &str) -> Result<()> {
+    let left = layout
+        .members
+        .iter()
+        .filter(|(other, m)| **other != id && m.state == MemberState::Active)
+        .count();
+    if left < layout.replication {
+        return Err(ShardError::InvalidArgument(format!(
+            "{doing} node {id} would leave {left} active nodes for {} replicas per shard; add a node first",
+            layout.replication
+        )));
+    }
+    Ok(())
+}
+
+/// Marks `id` as draining: the next rebalance moves its replicas away.
+pub fn drain(layout: &mut Layout, id: NodeId) -> Result<()> {
+    match member_state(layout, id)? {
+        MemberState::Active => {}
+        other => {
+            return Err(ShardError::InvalidArgument(format!(
+                "node {id} is {}, not active",
+                other.name()
+            )))
+        }
+    }
+    keep_enough_active(layout, id, "draining")?;
+    layout.members.get_mut(&id).expect("checked above").state = MemberState::Draining;
+    Ok(())
+}
+
+/// Removes `id` for good. A live node must be drained first; a `dead` one
+/// may still hold replicas, which the next rebalance re-creates elsewhere.
+pub fn remove(layout: &mut Layout, id: NodeId, dead: bool) -> Result<()> {
+    let state = member_state(layout, id)?;
+    if state == MemberState::Removed {
+        return Err(ShardError::InvalidArgument(format!(
+            "node {id} is already removed"
+        )));
+    }
+    let held = layout.shards_of(id).len();
+    if !dead && held > 0 {
+        return Err(ShardError::InvalidArgument(format!(
+            "node {id} still holds {held} replicas; drain it first, or pass --dead if it is gone for good"
+        )));
+    }
+    if state == MemberState::Active {
+        keep_enough_active(layout, id, "removing")?;
+    }
+    layout.members.get_mut(&id).expect("checked above").state = MemberState::Removed;
+    Ok(())
+}

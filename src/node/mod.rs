@@ -9,6 +9,7 @@ pub mod keys;
 pub mod listener;
 pub mod members;
 pub mod objects;
+pub mod rebalance;
 pub mod service;
 pub mod tenants;
 
@@ -141,7 +142,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     });
     let collector = tokio::spawn(collect_deleted_tenants(objects.clone()));
     let follower = tokio::spawn(members::follow(objects.chunks.clone()));
-    let mut background = vec![repair, collector, follower];
+    let coordinator = tokio::spawn(rebalance::coordinate(objects.chunks.clone()));
+    let mut background = vec![repair, collector, follower, coordinator];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }

@@ -2,12 +2,13 @@
 //! Each handler decodes, calls the shard host or the object coordinator,
 //! and encodes; no logic lives here.
 
-use super::members;
 use super::objects::{Objects, Target};
+use super::{members, rebalance};
 use crate::placement::{Layout, Member, MemberState, DEFAULT_CAPACITY};
 use crate::rpc::{error_of, pb, status_of};
-use crate::shard::command::{Manifest, ObjectMeta};
 use crate::shard::command::MembershipOp;
+use crate::shard::command::{Manifest, ObjectMeta};
+use crate::shard::command::{Rebalance, RebalanceState};
 use crate::shard::{decode, encode, Command, Query, ShardError};
 use crate::types::{ChunkId, ShardId};
 use bytes::Bytes;
@@ -71,6 +72,37 @@ fn members_of(layout: &Layout) -> pb::Members {
     }
 }
 
+fn rebalance_status(r: Option<&Rebalance>) -> pb::RebalanceStatus {
+    let Some(r) = r else {
+        return pb::RebalanceStatus::default();
+    };
+    pb::RebalanceStatus {
+        exists: true,
+        id: r.id,
+        state: match &r.state {
+            RebalanceState::Running => "running".into(),
+            RebalanceState::Done => "done".into(),
+            RebalanceState::Cancelled => "cancelled".into(),
+            RebalanceState::Failed(why) => format!("failed: {why}"),
+        },
+        moves: r
+            .moves
+            .iter()
+            .map(|m| pb::PlannedMove {
+                shard: m.shard.0,
+                from: m.from,
+                to: m.to,
+                bytes: m.bytes,
+            })
+            .collect(),
+        done: r.done as u32,
+        bytes_copied: r.bytes_copied,
+        rate: r.rate,
+        cancel: r.cancel,
+        updated_ms: r.updated_ms,
+    }
+}
+
 fn ok<T>(v: T) -> Rpc<T> {
     Ok(Response::new(v))
 }
@@ -107,6 +139,46 @@ fn body_of(
             }
         })
         .boxed()
+}
+
+impl NodeService {
+    /// Refuses, changing nothing, while a rebalance runs.
+    async fn refuse_if_rebalancing(&self) -> Result<(), Status> {
+        let latest = rebalance::latest(&self.objects.chunks.host)
+            .await
+            .map_err(status_of)?;
+        match latest {
+            Some(r) if r.running() => Err(bad(format!(
+                "a rebalance is already running ({} of {} moves done); wait for it, or stop it with `rebalance --cancel`",
+                r.done,
+                r.moves.len()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Changes the layout (draining or removing a node), then starts the
+    /// rebalance that moves replicas accordingly, if any need to move.
+    async fn change_then_rebalance(
+        &self,
+        change: impl FnOnce(&mut Layout) -> Result<(), ShardError>,
+    ) -> Rpc<pb::RebalanceStatus> {
+        self.refuse_if_rebalancing().await?;
+        let chunks = &self.objects.chunks;
+        members::change(&chunks.host, change)
+            .await
+            .map_err(status_of)?;
+        let planned = rebalance::plan(chunks, None, 0, false)
+            .await
+            .map_err(status_of)?;
+        if planned.moves.is_empty() {
+            return ok(rebalance_status(None));
+        }
+        let started = rebalance::plan(chunks, None, 0, true)
+            .await
+            .map_err(status_of)?;
+        ok(rebalance_status(Some(&started)))
+    }
 }
 
 #[tonic::async_trait]
@@ -718,6 +790,46 @@ impl Node for NodeService {
             .await
             .map_err(status_of)?;
         ok(members_of(&layout))
+    }
+
+    async fn drain_node(&self, req: Request<pb::NodeRequest>) -> Rpc<pb::RebalanceStatus> {
+        let id = req.into_inner().node_id;
+        self.change_then_rebalance(|l| members::drain(l, id)).await
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Rpc<pb::RebalanceStatus> {
+        let r = req.into_inner();
+        self.change_then_rebalance(|l| members::remove(l, r.node_id, r.dead))
+            .await
+    }
+
+    async fn rebalance(&self, req: Request<pb::RebalanceRequest>) -> Rpc<pb::RebalanceStatus> {
+        let r = req.into_inner();
+        let chunks = &self.objects.chunks;
+        if r.cancel {
+            chunks
+                .host
+                .propose(ShardId::META, &Command::CancelRebalance)
+                .await
+                .map_err(status_of)?;
+            let latest = rebalance::latest(&chunks.host).await.map_err(status_of)?;
+            return ok(rebalance_status(latest.as_ref()));
+        }
+        if !r.dry_run {
+            self.refuse_if_rebalancing().await?;
+        }
+        let max_moves = (r.max_moves > 0).then_some(r.max_moves as usize);
+        let planned = rebalance::plan(chunks, max_moves, r.rate, !r.dry_run)
+            .await
+            .map_err(status_of)?;
+        ok(rebalance_status(Some(&planned)))
+    }
+
+    async fn rebalance_progress(&self, _req: Request<pb::Empty>) -> Rpc<pb::RebalanceStatus> {
+        let latest = rebalance::latest(&self.objects.chunks.host)
+            .await
+            .map_err(status_of)?;
+        ok(rebalance_status(latest.as_ref()))
     }
 
     async fn list_nodes(&self, _req: Request<pb::Empty>) -> Rpc<pb::Members> {

@@ -8,6 +8,8 @@
 //! an epoch that grows by one per change so every node can tell the newer
 //! of two layouts.
 
+pub mod planner;
+
 use crate::config::ClusterSpec;
 use crate::types::{ChunkId, NodeId, ShardId};
 use serde::{Deserialize, Serialize};

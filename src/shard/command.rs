@@ -5,8 +5,8 @@
 //! state before it: no clocks, no randomness, no I/O besides the tree.
 
 use crate::crypto::tenant_keys::WrappedDek;
-use crate::types::ChunkId;
 use crate::placement::Layout;
+use crate::types::ChunkId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -219,10 +219,46 @@ pub enum Command {
     AddChunks { chunks: Vec<(ChunkId, u64)> },
     /// Meta shard: replace the layout, if it is still at `expected_epoch`
     /// (0 when none was stored yet); `layout.epoch` must be the next one.
-    SetLayout {
-        expected_epoch: u64,
-        layout: Layout,
-    },
+    SetLayout { expected_epoch: u64, layout: Layout },
+    /// Meta shard: store a new rebalance; fails while another runs.
+    StartRebalance { rebalance: Rebalance },
+    /// Meta shard: record a running rebalance's progress; a cancellation
+    /// asked for meanwhile is kept.
+    UpdateRebalance { rebalance: Rebalance },
+    /// Meta shard: ask the running rebalance to stop after its current move.
+    CancelRebalance,
+}
+
+/// A rebalance: its moves, carried out in order by whichever node leads
+/// the meta shard, and how far it got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebalance {
+    /// When it started (ms since the epoch); names it.
+    pub id: i64,
+    pub moves: Vec<crate::placement::planner::Move>,
+    /// Moves completed.
+    pub done: usize,
+    pub bytes_copied: u64,
+    /// Average copy rate to keep under, bytes per second; 0 for no limit.
+    pub rate: u64,
+    /// Stop after the current move.
+    pub cancel: bool,
+    pub state: RebalanceState,
+    pub updated_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RebalanceState {
+    Running,
+    Done,
+    Cancelled,
+    Failed(String),
+}
+
+impl Rebalance {
+    pub fn running(&self) -> bool {
+        self.state == RebalanceState::Running
+    }
 }
 
 /// A linearizable read of one shard's state, run on its leader.
@@ -291,6 +327,8 @@ pub enum Query {
     },
     /// Meta shard: the stored layout, if any change was ever made.
     Layout,
+    /// Meta shard: the latest rebalance, running or finished.
+    Rebalance,
 }
 
 /// One page of a listing.
@@ -328,6 +366,7 @@ pub enum Value {
         truncated: bool,
     },
     Layout(Option<Layout>),
+    Rebalance(Option<Rebalance>),
     /// How far a node's copy of a shard's log reaches on the leader's
     /// books, against the leader's last entry.
     Progress {

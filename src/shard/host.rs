@@ -328,7 +328,7 @@ impl ShardHost {
         }
     }
 
-    fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
+    pub fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
         if let Some(r) = self.replica(shard) {
             if let Some(l) = r.raft.metrics().borrow().current_leader {
                 return Some(l);
@@ -450,7 +450,11 @@ impl ShardHost {
             payload: encode(&MembershipOp::Elect).into(),
         };
         let asked = match self.pool.client(addr) {
-            Ok(mut c) => c.change_membership(msg).await.map(|_| ()).map_err(|s| error_of(&s)),
+            Ok(mut c) => c
+                .change_membership(msg)
+                .await
+                .map(|_| ())
+                .map_err(|s| error_of(&s)),
             Err(e) => Err(e),
         };
         let mut metrics = raft.metrics();
@@ -464,7 +468,9 @@ impl ShardHost {
         .await;
         raft.runtime_config().heartbeat(true);
         asked?;
-        handed.map_err(|_| ShardError::Unavailable(format!("shard {shard}: node {node} did not take over")))
+        handed.map_err(|_| {
+            ShardError::Unavailable(format!("shard {shard}: node {node} did not take over"))
+        })
     }
 
     /// Answers `q` if this node leads `shard` and a quorum confirms it.

@@ -7,8 +7,8 @@
 //! a listing is one ordered scan.
 
 use super::command::*;
-use crate::types::ChunkId;
 use crate::placement::Layout;
+use crate::types::ChunkId;
 use md5::{Digest, Md5};
 use sled::{Batch, Tree};
 
@@ -27,6 +27,7 @@ mod tag {
     pub const USAGE: u8 = b'Z';
     pub const TOMBSTONE: u8 = b'D';
     pub const LAYOUT: u8 = b'L';
+    pub const REBALANCE: u8 = b'R';
 }
 
 /// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
@@ -481,6 +482,39 @@ impl State {
                 }
                 batch.insert(&k, encode(layout));
             }
+            Command::StartRebalance { rebalance } => {
+                if let Some(r) = self.get::<Rebalance>(&[tag::REBALANCE])? {
+                    if r.running() {
+                        return Err(ShardError::InvalidArgument(format!(
+                            "a rebalance is already running ({} of {} moves done); wait for it, or stop it with `rebalance --cancel`",
+                            r.done,
+                            r.moves.len()
+                        )));
+                    }
+                }
+                batch.insert(&[tag::REBALANCE], encode(rebalance));
+            }
+            Command::UpdateRebalance { rebalance } => {
+                let stored: Option<Rebalance> = self.get(&[tag::REBALANCE])?;
+                let Some(stored) = stored.filter(|r| r.id == rebalance.id) else {
+                    return Err(ShardError::InvalidArgument(
+                        "that rebalance is no longer the current one".into(),
+                    ));
+                };
+                let mut next = rebalance.clone();
+                next.cancel |= stored.cancel;
+                batch.insert(&[tag::REBALANCE], encode(&next));
+            }
+            Command::CancelRebalance => {
+                let stored: Option<Rebalance> = self.get(&[tag::REBALANCE])?;
+                let Some(mut r) = stored.filter(Rebalance::running) else {
+                    return Err(ShardError::InvalidArgument(
+                        "no rebalance is running".into(),
+                    ));
+                };
+                r.cancel = true;
+                batch.insert(&[tag::REBALANCE], encode(&r));
+            }
             Command::AddChunks { chunks } => {
                 for (id, len) in chunks {
                     batch.insert(chunk_key(id), encode(len));
@@ -606,6 +640,7 @@ impl State {
                 Ok(Value::Tenants(out))
             }
             Query::Layout => Ok(Value::Layout(self.get(&[tag::LAYOUT])?)),
+            Query::Rebalance => Ok(Value::Rebalance(self.get(&[tag::REBALANCE])?)),
             Query::Tombstones => {
                 let mut out = Vec::new();
                 for kv in self.tree.scan_prefix([tag::TOMBSTONE]) {

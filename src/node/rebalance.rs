@@ -1,0 +1,377 @@
+//! Rebalancing: planning moves of shard replicas between nodes, and
+//! carrying them out one by one from whichever node leads the meta shard.
+//!
+//! The plan and how far it got live in the meta shard, so when the
+//! coordinating node dies the next meta leader resumes it. Each move is
+//! a sequence of steps that can all be repeated safely:
+//!
+//! 1. the layout names the new node as joining the shard: it opens an
+//!    empty replica, and new chunks of the shard are written to it too;
+//! 2. the shard's leader adds it as a learner and it catches up (by
+//!    snapshot when the log was purged);
+//! 3. it fetches every chunk the shard records (the repair path);
+//! 4. the leader makes it a voter and drops the old replica, in one
+//!    joint-consensus change;
+//! 5. the layout takes the old node off the shard, which then wipes its
+//!    replica and deletes the shard's chunks.
+
+use super::chunks::Chunks;
+use super::members;
+use crate::placement::planner::{self, Move, NodeInfo, ShardInfo};
+use crate::placement::{Layout, MemberState};
+use crate::rpc::pb;
+use crate::shard::command::{MembershipOp, Rebalance, RebalanceState};
+use crate::shard::{Command, Query, ShardError, ShardHost, Value};
+use crate::types::{now_ms, NodeId, ShardId};
+use std::time::Duration;
+use tokio::time::Instant;
+
+type Result<T> = std::result::Result<T, ShardError>;
+
+/// How often the meta leader looks for a rebalance to run.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How long one move may take before the rebalance fails.
+const MOVE_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Failed attempts at one move before the rebalance stops as failed.
+const MOVE_ATTEMPTS: u32 = 10;
+
+/// The latest rebalance, running or not.
+pub async fn latest(host: &ShardHost) -> Result<Option<Rebalance>> {
+    match host.query(ShardId::META, &Query::Rebalance).await? {
+        Value::Rebalance(r) => Ok(r),
+        other => Err(ShardError::Internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Plans a rebalance of the current layout; with `start`, stores it for
+/// the meta leader to carry out.
+pub async fn plan(
+    chunks: &Chunks,
+    max_moves: Option<usize>,
+    rate: u64,
+    start: bool,
+) -> Result<Rebalance> {
+    let layout = members::current(&chunks.host).await?;
+    let shards = shard_sizes(chunks, &layout).await;
+    let moves = planner::plan(&node_infos(&layout), &shards, layout.replication, max_moves)
+        .map_err(|e| ShardError::InvalidArgument(e.to_string()))?;
+    let rebalance = Rebalance {
+        id: now_ms(),
+        moves,
+        done: 0,
+        bytes_copied: 0,
+        rate,
+        cancel: false,
+        state: RebalanceState::Running,
+        updated_ms: now_ms(),
+    };
+    if start {
+        let cmd = Command::StartRebalance {
+            rebalance: rebalance.clone(),
+        };
+        chunks.host.propose(ShardId::META, &cmd).await?;
+    }
+    Ok(rebalance)
+}
+
+/// The planner's view of the members: only active nodes take replicas.
+pub fn node_infos(layout: &Layout) -> Vec<NodeInfo> {
+    layout
+        .members
+        .iter()
+        .map(|(&id, m)| NodeInfo {
+            id,
+            zone: m.zone.clone(),
+            capacity: m.capacity,
+            accepting: m.state == MemberState::Active,
+        })
+        .collect()
+}
+
+/// Every shard's voters and bytes, the bytes as one live voter counts them.
+pub async fn shard_sizes(chunks: &Chunks, layout: &Layout) -> Vec<ShardInfo> {
+    let mut out = Vec::new();
+    for s in 0..layout.shards {
+        let shard = ShardId(s);
+        let voters = layout.replicas(shard);
+        let mut bytes = 0;
+        for &node in &voters {
+            if let Ok(count) = chunk_count(chunks, node, shard).await {
+                bytes = count.recorded_bytes;
+                break;
+            }
+        }
+        out.push(ShardInfo {
+            shard,
+            voters,
+            bytes,
+        });
+    }
+    out
+}
+
+async fn chunk_count(chunks: &Chunks, node: NodeId, shard: ShardId) -> Result<pb::ShardChunkCount> {
+    if node == chunks.host.id {
+        let local = chunks.clone();
+        return tokio::task::spawn_blocking(move || local.count_in(shard))
+            .await
+            .map_err(|e| ShardError::Internal(e.to_string()))?
+            .ok_or_else(|| ShardError::Unavailable(format!("no replica of shard {shard} here")));
+    }
+    let addr = chunks
+        .host
+        .addr_of(node)
+        .ok_or_else(|| ShardError::Internal(format!("unknown node {node}")))?;
+    let mut client = chunks.host.pool().client(addr)?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.shard_chunks(pb::ShardRequest { shard: shard.0 }),
+    )
+    .await
+    .map_err(|_| ShardError::Unavailable(format!("node {node} timed out")))?;
+    reply
+        .map(|r| r.into_inner())
+        .map_err(|s| crate::rpc::error_of(&s))
+}
+
+/// Runs on every node: while this node leads the meta shard, carries out
+/// the running rebalance, if any.
+pub async fn coordinate(chunks: Chunks) {
+    loop {
+        tokio::time::sleep(LOOK_EVERY).await;
+        if !leads_meta(&chunks.host) {
+            continue;
+        }
+        match latest(&chunks.host).await {
+            Ok(Some(r)) if r.running() => {
+                tracing::info!(
+                    id = r.id,
+                    done = r.done,
+                    moves = r.moves.len(),
+                    "running a rebalance"
+                );
+                if let Err(e) = run(&chunks, r).await {
+                    tracing::warn!("rebalance paused: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn leads_meta(host: &ShardHost) -> bool {
+    host.raft(ShardId::META)
+        .is_some_and(|r| r.metrics().borrow().current_leader == Some(host.id))
+}
+
+/// Carries out `r` from its next move on, recording progress after each.
+/// Returns when it is finished, cancelled, failed, or this node stops
+/// leading the meta shard (the next leader carries on).
+async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
+    let started = Instant::now();
+    let mut copied_here = 0u64;
+    let mut attempts = 0;
+    while r.done < r.moves.len() {
+        if !leads_meta(&chunks.host) {
+            return Ok(());
+        }
+        match latest(&chunks.host).await? {
+            Some(now) if now.id == r.id && now.running() => r.cancel = now.cancel,
+            _ => return Ok(()),
+        }
+        if r.cancel {
+            r.state = RebalanceState::Cancelled;
+            return record(&chunks.host, &mut r).await;
+        }
+        let mv = r.moves[r.done].clone();
+        match move_replica(chunks, &mv).await {
+            Ok(()) => {
+                attempts = 0;
+                r.done += 1;
+                r.bytes_copied += mv.bytes;
+                copied_here += mv.bytes;
+                record(&chunks.host, &mut r).await?;
+                pace(r.rate, copied_here, started).await;
+            }
+            Err(e) => {
+                attempts += 1;
+                tracing::warn!(shard = %mv.shard, from = mv.from, to = mv.to, attempts, "move failed: {e}");
+                if attempts >= MOVE_ATTEMPTS {
+                    r.state = RebalanceState::Failed(format!(
+                        "moving shard {} from node {} to node {}: {e}",
+                        mv.shard, mv.from, mv.to
+                    ));
+                    return record(&chunks.host, &mut r).await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    balance_leaders(&chunks.host).await;
+    finish_drains(&chunks.host).await?;
+    r.state = RebalanceState::Done;
+    record(&chunks.host, &mut r).await
+}
+
+async fn record(host: &ShardHost, r: &mut Rebalance) -> Result<()> {
+    r.updated_ms = now_ms();
+    let cmd = Command::UpdateRebalance {
+        rebalance: r.clone(),
+    };
+    host.propose(ShardId::META, &cmd).await.map(|_| ())
+}
+
+/// Waits so that the average copy rate stays under `rate` bytes/s.
+async fn pace(rate: u64, copied: u64, started: Instant) {
+    if rate == 0 {
+        return;
+    }
+    let due = started + Duration::from_secs_f64(copied as f64 / rate as f64);
+    tokio::time::sleep_until(due).await;
+}
+
+/// One move, from wherever an earlier attempt left it.
+async fn move_replica(chunks: &Chunks, mv: &Move) -> Result<()> {
+    let host = &chunks.host;
+    let shard = mv.shard;
+    let deadline = Instant::now() + MOVE_DEADLINE;
+    let layout = members::current(host).await?;
+    let voters = layout.replicas(shard);
+    let target: Vec<NodeId> = voters
+        .iter()
+        .map(|&v| if v == mv.from { mv.to } else { v })
+        .collect();
+    if !voters.contains(&mv.to) {
+        if !voters.contains(&mv.from) {
+            return Err(ShardError::InvalidArgument(format!(
+                "node {} no longer holds shard {shard}",
+                mv.from
+            )));
+        }
+        if layout.joining.get(&shard.0) != Some(&mv.to) {
+            members::change(host, |l| {
+                let active = l
+                    .members
+                    .get(&mv.to)
+                    .is_some_and(|m| m.state == MemberState::Active);
+                if !active {
+                    return Err(ShardError::InvalidArgument(format!(
+                        "node {} is not an active member",
+                        mv.to
+                    )));
+                }
+                l.joining.insert(shard.0, mv.to);
+                Ok(())
+            })
+            .await?;
+        }
+        until(deadline, "the new replica to open", || async {
+            host.membership(shard, &MembershipOp::AddLearner { node: mv.to })
+                .await
+                .is_ok()
+        })
+        .await?;
+        until(deadline, "the new replica to catch up", || async {
+            matches!(
+                host.membership(shard, &MembershipOp::Progress { node: mv.to }).await,
+                Ok(Value::Progress { matched, last }) if matched >= last
+            )
+        })
+        .await?;
+        until(deadline, "the new replica to fetch its chunks", || async {
+            chunk_count(chunks, mv.to, shard)
+                .await
+                .is_ok_and(|c| c.missing == 0)
+        })
+        .await?;
+        host.membership(
+            shard,
+            &MembershipOp::SetVoters {
+                voters: target.clone(),
+            },
+        )
+        .await?;
+    }
+    members::change(host, |l| {
+        l.voters[shard.0 as usize] = target.clone();
+        l.joining.remove(&shard.0);
+        Ok(())
+    })
+    .await?;
+    tracing::info!(%shard, from = mv.from, to = mv.to, "moved a replica");
+    Ok(())
+}
+
+/// Polls `ready` every half second until it holds or `deadline` passes.
+async fn until<F, Fut>(deadline: Instant, what: &str, mut ready: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(ShardError::Unavailable(format!(
+                "gave up waiting for {what}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Hands leadership of shards around so no node leads more than its share
+/// plus one. Best effort: a shard whose hand-over fails keeps its leader.
+async fn balance_leaders(host: &ShardHost) {
+    let layout = host.layout();
+    let mut shards = Vec::new();
+    for s in 0..layout.shards {
+        let shard = ShardId(s);
+        let leader = leader_of(host, shard).await;
+        shards.push((shard, layout.replicas(shard), leader));
+    }
+    for (shard, to) in planner::plan_leaders(&node_infos(&layout), &shards) {
+        if let Err(e) = host
+            .membership(shard, &MembershipOp::TransferLeader { node: to })
+            .await
+        {
+            tracing::info!(%shard, to, "leadership stays: {e}");
+        }
+    }
+}
+
+/// Who leads `shard`, as its replicas' answers tell.
+async fn leader_of(host: &ShardHost, shard: ShardId) -> Option<NodeId> {
+    match host
+        .membership(shard, &MembershipOp::Progress { node: host.id })
+        .await
+    {
+        Ok(_) => host.leader_hint(shard),
+        Err(_) => None,
+    }
+}
+
+/// Marks draining members that hold nothing any more as drained.
+async fn finish_drains(host: &ShardHost) -> Result<()> {
+    let layout = members::current(host).await?;
+    let emptied: Vec<NodeId> = layout
+        .members
+        .iter()
+        .filter(|(id, m)| m.state == MemberState::Draining && layout.shards_of(**id).is_empty())
+        .map(|(id, _)| *id)
+        .collect();
+    if emptied.is_empty() {
+        return Ok(());
+    }
+    members::change(host, |l| {
+        for id in &emptied {
+            if let Some(m) = l.members.get_mut(id) {
+                m.state = MemberState::Drained;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map(|_| ())
+}
