@@ -35,6 +35,10 @@ struct Args {
     /// Which phases: put, get or both (get reads what put wrote).
     #[arg(long, default_value = "both")]
     op: String,
+    /// End a phase early once this file exists (the rebalance bench
+    /// measures latency exactly while a rebalance runs).
+    #[arg(long)]
+    stop_file: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -102,12 +106,15 @@ where
     let op = Arc::new(op);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
+    let stop_file = args.stop_file.clone();
+    let running =
+        move || Instant::now() < deadline && !stop_file.as_ref().is_some_and(|f| f.exists());
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
-            let (phase, op) = (phase.clone(), op.clone());
+            let (phase, op, running) = (phase.clone(), op.clone(), running.clone());
             tokio::spawn(async move {
                 let mut i = 0u64;
-                while Instant::now() < deadline {
+                while running() {
                     let t = Instant::now();
                     if op(w, i).await {
                         phase

@@ -11,6 +11,7 @@ mod common;
 
 use lumbung::admin::S3Env;
 use lumbung::rpc::pb;
+use lumbung::shard::command::MembershipOp;
 use lumbung::shard::{Command, Query, Reply, TypeConfig};
 use prost::Message;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -138,14 +139,25 @@ fn decode_everything(bytes: &[u8]) {
         pb::TenantSpec,
         pb::MasterKeyStepRequest,
         pb::NodeStatus,
-        pb::GetFrame
+        pb::GetFrame,
+        pb::ShardRequest,
+        pb::AddNodeRequest,
+        pb::NodeRequest,
+        pb::RemoveNodeRequest,
+        pb::RebalanceRequest
     );
     let _ = lumbung::shard::decode::<Command>(bytes);
     let _ = lumbung::shard::decode::<Query>(bytes);
     let _ = lumbung::shard::decode::<Reply>(bytes);
-    let _ = rmp_serde::from_slice::<openraft::raft::AppendEntriesRequest<TypeConfig>>(bytes);
-    let _ = rmp_serde::from_slice::<openraft::raft::VoteRequest<u64>>(bytes);
-    let _ = rmp_serde::from_slice::<openraft::raft::InstallSnapshotRequest<TypeConfig>>(bytes);
+    let _ = lumbung::shard::decode::<MembershipOp>(bytes);
+    let _ = lumbung::shard::decode::<lumbung::placement::Layout>(bytes);
+    let _ = lumbung::shard::command::from_msgpack::<openraft::raft::AppendEntriesRequest<TypeConfig>>(
+        bytes,
+    );
+    let _ = lumbung::shard::command::from_msgpack::<openraft::raft::VoteRequest<u64>>(bytes);
+    let _ = lumbung::shard::command::from_msgpack::<
+        openraft::raft::InstallSnapshotRequest<TypeConfig>,
+    >(bytes);
 }
 
 #[test]
@@ -170,6 +182,10 @@ fn internal_rpc_decoding_never_panics() {
         .encode_to_vec(),
         lumbung::shard::encode(&Query::Tenants),
         lumbung::shard::encode(&Command::ForgetTenant { tenant: "t".into() }),
+        lumbung::shard::encode(&MembershipOp::AddLearner {
+            node: 4,
+            addr: "127.0.0.1:7484".into(),
+        }),
     ];
     let n = iterations();
     for i in 0..n {

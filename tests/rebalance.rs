@@ -236,3 +236,274 @@ async fn a_fourth_node_takes_its_share_under_load() {
     }
     cluster.stop().await;
 }
+
+/// Waits until `node`'s members row says `state`, and returns the list.
+async fn member_state(admin: &AdminConfig, node: u64) -> String {
+    let list = nodes::list(admin).await.unwrap();
+    list.members
+        .iter()
+        .find(|m| m.node_id == node)
+        .map(|m| m.state.clone())
+        .unwrap_or_default()
+}
+
+/// Every shard has `rf` voters, none of them in `gone`, and a leader.
+async fn assert_at_rf(admin: &AdminConfig, rf: usize, gone: &[u64]) {
+    let view = lumbung::admin::status::collect(admin).await.unwrap();
+    for s in &view.shards {
+        assert_eq!(
+            s.voters.len(),
+            rf,
+            "shard {} voters {:?}",
+            s.shard,
+            s.voters
+        );
+        assert!(
+            s.voters.iter().all(|v| !gone.contains(v)),
+            "shard {} still on {:?}: {:?}",
+            s.shard,
+            gone,
+            s.voters
+        );
+        assert!(s.leader.is_some(), "shard {} has no leader", s.shard);
+    }
+}
+
+async fn read_all(client: &aws_sdk_s3::Client, acked: &BTreeMap<String, u64>) {
+    for (key, seed) in acked {
+        let len = if key.starts_with("before/") {
+            OBJECT
+        } else {
+            200_000
+        };
+        let got = client
+            .get_object()
+            .bucket("demo")
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {}", common::code(&e)));
+        let body = got.body.collect().await.unwrap().into_bytes();
+        assert!(body == common::bytes(*seed, len), "{key} differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
+    common::log_if_asked();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = lumbung::dev::DevOptions::new(tmp.path().join("cluster"), common::free_ports(5));
+    opts.nodes = 4;
+    opts.shards = 12;
+    let mut cluster = lumbung::dev::start(&opts).await.unwrap();
+    let dir = cluster.dir.clone();
+    let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
+    let client = common::s3(&cluster.env);
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..6u64 {
+        let key = format!("before/{i}");
+        client
+            .put_object()
+            .bucket("demo")
+            .key(&key)
+            .body(ByteStream::from(common::bytes(i, OBJECT)))
+            .send()
+            .await
+            .unwrap();
+        acked.insert(key, i);
+    }
+    let live: Acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(load(common::s3(&cluster.env), live.clone(), stop.clone()));
+
+    // Drain node 4 under load, then remove it.
+    let drain = nodes::drain(&admin, 4).await.unwrap();
+    let end = wait_done(&admin, drain.id, Duration::from_secs(240)).await;
+    assert_eq!(end.state, "done");
+    assert_eq!(member_state(&admin, 4).await, "drained");
+    assert_at_rf(&admin, 3, &[4]).await;
+    nodes::remove(&admin, 4, false).await.unwrap();
+    assert_eq!(member_state(&admin, 4).await, "removed");
+    cluster.stop_node(4).await;
+
+    // Three nodes left for three replicas: no more draining.
+    let epoch = nodes::list(&admin).await.unwrap().epoch;
+    let below = nodes::drain(&admin, 1).await.unwrap_err();
+    assert!(
+        format!("{below:#}").contains("would leave 2 active nodes"),
+        "{below:#}"
+    );
+    assert_eq!(nodes::list(&admin).await.unwrap().epoch, epoch);
+
+    // A spare joins; node 3 dies for good and is removed as dead.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
+        .parse()
+        .unwrap();
+    let path = lumbung::admin::init::init_node(&dir, 5, addr, None).unwrap();
+    let cfg = lumbung::config::load(&path).unwrap();
+    cluster.nodes.push(None);
+    cluster
+        .nodes
+        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    nodes::add(&admin, addr, "", None).await.unwrap();
+    cluster.stop_node(3).await;
+    let lost = Instant::now();
+    let dead = nodes::remove(&admin, 3, true).await.unwrap();
+    let end = wait_done(&admin, dead.id, Duration::from_secs(240)).await;
+    assert_eq!(end.state, "done");
+    println!(
+        "node 3 dead: {} replicas re-created in {:?}",
+        end.done,
+        lost.elapsed()
+    );
+    assert_at_rf(&admin, 3, &[3, 4]).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let failures = writer.await.unwrap();
+    println!("failures during drain and loss: {failures}");
+    acked.extend(live.lock().unwrap().clone());
+    read_all(&client, &acked).await;
+    println!("{} acknowledged objects read back", acked.len());
+    cluster.stop().await;
+}
+
+/// The most voters any shard has, as its replicas report.
+async fn most_voters(admin: &AdminConfig) -> usize {
+    let view = lumbung::admin::status::collect(admin).await.unwrap();
+    view.shards
+        .iter()
+        .map(|s| s.voters.len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_survives_the_death_of_its_coordinator() {
+    common::log_if_asked();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = common::cluster(tmp.path(), 16).await;
+    let dir = cluster.dir.clone();
+    let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
+    let client = common::s3(&cluster.env);
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..8u64 {
+        let key = format!("before/{i}");
+        client
+            .put_object()
+            .bucket("demo")
+            .key(&key)
+            .body(ByteStream::from(common::bytes(i, OBJECT)))
+            .send()
+            .await
+            .unwrap();
+        acked.insert(key, i);
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
+        .parse()
+        .unwrap();
+    let path = lumbung::admin::init::init_node(&dir, 4, addr, None).unwrap();
+    let cfg = lumbung::config::load(&path).unwrap();
+    cluster
+        .nodes
+        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    nodes::add(&admin, addr, "", None).await.unwrap();
+
+    let run = nodes::rebalance(&admin, pb::RebalanceRequest::default())
+        .await
+        .unwrap();
+    // Wait for a move in the middle of the plan, then stop the node that
+    // coordinates it: the one leading the meta shard (never the new node,
+    // which every move needs).
+    let waiting = Instant::now();
+    let coordinator = loop {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "no move in progress to interrupt"
+        );
+        let progress = nodes::progress(&admin).await.unwrap();
+        assert_eq!(progress.state, "running", "finished before the kill");
+        let view = lumbung::admin::status::collect(&admin).await.unwrap();
+        let meta = view
+            .shards
+            .iter()
+            .find(|s| s.shard == 0)
+            .and_then(|s| s.leader);
+        if progress.done >= 2 {
+            if let Some(leader) = meta.filter(|l| *l != 4) {
+                break leader as usize;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let killed_at = nodes::progress(&admin).await.unwrap().done;
+    within(
+        60,
+        "stopping the coordinator",
+        cluster.stop_node(coordinator),
+    )
+    .await;
+    println!("stopped coordinator node {coordinator} after {killed_at} moves");
+
+    let mut most = 0;
+    let started = Instant::now();
+    let end = loop {
+        most = most.max(most_voters(&admin).await);
+        let s = nodes::progress(&admin).await.unwrap();
+        if s.id == run.id && s.state != "running" {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "stuck at {} moves",
+            s.done
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(end.state, "done");
+    assert_eq!(end.done as usize, run.moves.len());
+    assert!(most <= 4, "a shard had {most} voters (RF + 1 at most)");
+    println!(
+        "resumed and finished {} moves in {:?}",
+        end.done,
+        started.elapsed()
+    );
+
+    // The coordinator comes back and drops what the rebalance moved off it.
+    within(
+        60,
+        "restarting the coordinator",
+        cluster.restart_node(coordinator),
+    )
+    .await
+    .unwrap();
+    let layout = nodes::list(&admin).await.unwrap();
+    let want = layout
+        .members
+        .iter()
+        .find(|m| m.node_id == coordinator as u64)
+        .unwrap()
+        .replicas as usize;
+    let back = Instant::now();
+    loop {
+        let view = lumbung::admin::status::collect(&admin).await.unwrap();
+        let node = view.nodes.iter().find(|n| n.node_id == coordinator as u64);
+        if node.is_some_and(|n| n.up && n.replicas == want) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "node {coordinator} kept moved replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_at_rf(&admin, 3, &[]).await;
+    within(120, "reading everything back", read_all(&client, &acked)).await;
+    cluster.stop().await;
+}
+
+/// Runs `f`, failing the test with `what` if it takes over `secs`.
+async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}

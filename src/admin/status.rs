@@ -52,6 +52,33 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     pub shards: Vec<ShardView>,
     pub gateways: Vec<GatewayNodeView>,
+    /// Each member's share of replicas and bytes against its target;
+    /// empty when no node could say who the members are.
+    pub shares: Vec<ShareView>,
+    /// The latest rebalance, running or finished.
+    pub rebalance: Option<RebalanceView>,
+}
+
+/// What a member holds against what its capacity asks of it.
+#[derive(Serialize)]
+pub struct ShareView {
+    pub node_id: u64,
+    pub state: String,
+    pub zone: String,
+    pub capacity: u64,
+    pub replicas: u32,
+    pub target_replicas: f64,
+    pub chunk_bytes: u64,
+    pub target_bytes: f64,
+}
+
+#[derive(Serialize)]
+pub struct RebalanceView {
+    pub state: String,
+    pub moves: usize,
+    pub done: u32,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
 }
 
 /// A status's message and the chain of errors under it: "transport error"
@@ -71,17 +98,72 @@ fn with_causes(status: &tonic::Status) -> String {
 
 /// The nodes to ask: the members the cluster knows (nodes added since
 /// init-cluster included, removed ones left out), or the admin file's list
-/// when no node answers that question.
-async fn addresses(cfg: &AdminConfig) -> Vec<std::net::SocketAddr> {
-    match tokio::time::timeout(Duration::from_secs(5), super::nodes::list(cfg)).await {
-        Ok(Ok(members)) => members
+/// when no node says who the members are.
+fn addresses(cfg: &AdminConfig, members: &Option<pb::Members>) -> Vec<std::net::SocketAddr> {
+    match members {
+        Some(members) => members
             .members
             .iter()
             .filter(|m| m.state != "removed")
             .filter_map(|m| m.addr.parse().ok())
             .collect(),
-        _ => cfg.nodes.clone(),
+        None => cfg.nodes.clone(),
     }
+}
+
+/// Targets in proportion to capacity, among active members only.
+fn shares(members: &pb::Members, nodes: &[NodeView]) -> Vec<ShareView> {
+    let active = |m: &pb::Member| m.state == "active";
+    let capacity: f64 = members
+        .members
+        .iter()
+        .filter(|m| active(m))
+        .map(|m| m.capacity as f64)
+        .sum();
+    let replicas: f64 = members.members.iter().map(|m| f64::from(m.replicas)).sum();
+    let bytes_of = |id: u64| {
+        nodes
+            .iter()
+            .find(|n| n.up && n.node_id == id)
+            .map_or(0, |n| n.chunk_bytes)
+    };
+    let bytes: f64 = members
+        .members
+        .iter()
+        .map(|m| bytes_of(m.node_id) as f64)
+        .sum();
+    members
+        .members
+        .iter()
+        .filter(|m| m.state != "removed")
+        .map(|m| {
+            let part = if active(m) && capacity > 0.0 {
+                m.capacity as f64 / capacity
+            } else {
+                0.0
+            };
+            ShareView {
+                node_id: m.node_id,
+                state: m.state.clone(),
+                zone: m.zone.clone(),
+                capacity: m.capacity,
+                replicas: m.replicas,
+                target_replicas: replicas * part,
+                chunk_bytes: bytes_of(m.node_id),
+                target_bytes: bytes * part,
+            }
+        })
+        .collect()
+}
+
+fn rebalance_view(r: pb::RebalanceStatus) -> Option<RebalanceView> {
+    r.exists.then(|| RebalanceView {
+        state: r.state,
+        moves: r.moves.len(),
+        done: r.done,
+        bytes_copied: r.bytes_copied,
+        bytes_total: r.moves.iter().map(|m| m.bytes).sum(),
+    })
 }
 
 /// Asks every node for its status; unreachable nodes are shown as down.
@@ -90,7 +172,16 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<u32, ShardView> = BTreeMap::new();
     let mut gateways: BTreeMap<String, Vec<pb::NodeHealth>> = BTreeMap::new();
-    for addr in &addresses(cfg).await {
+    let ask = Duration::from_secs(5);
+    let members = match tokio::time::timeout(ask, super::nodes::list(cfg)).await {
+        Ok(Ok(m)) => Some(m),
+        _ => None,
+    };
+    let rebalance = match tokio::time::timeout(ask, super::nodes::progress(cfg)).await {
+        Ok(Ok(r)) => rebalance_view(r),
+        _ => None,
+    };
+    for addr in &addresses(cfg, &members) {
         let mut client = pool.client(*addr)?;
         let reply = tokio::time::timeout(Duration::from_secs(3), client.status(pb::Empty {})).await;
         let status = match reply {
@@ -167,9 +258,11 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
         })
         .collect();
     Ok(ClusterView {
+        shares: members.map(|m| shares(&m, &nodes)).unwrap_or_default(),
         nodes,
         shards: shards.into_values().collect(),
         gateways,
+        rebalance,
     })
 }
 
@@ -226,6 +319,34 @@ pub fn render(view: &ClusterView) -> String {
                 .unwrap_or_else(|| "-".into()),
             voters.join(","),
             s.last_applied
+        ));
+    }
+    if !view.shares.is_empty() {
+        out.push_str(&format!(
+            "\nshares\n{:<6} {:<9} {:<8} {:>8} {:>8} {:>12} {:>12}\n",
+            "NODE", "STATE", "ZONE", "REPLICAS", "TARGET", "CHUNK BYTES", "TARGET"
+        ));
+        for s in &view.shares {
+            out.push_str(&format!(
+                "{:<6} {:<9} {:<8} {:>8} {:>8.1} {:>12} {:>12}\n",
+                s.node_id,
+                s.state,
+                if s.zone.is_empty() { "-" } else { &s.zone },
+                s.replicas,
+                s.target_replicas,
+                mib(s.chunk_bytes),
+                mib(s.target_bytes as u64)
+            ));
+        }
+    }
+    if let Some(r) = &view.rebalance {
+        out.push_str(&format!(
+            "\nrebalance: {}, {} of {} moves, {} of {} copied\n",
+            r.state,
+            r.done,
+            r.moves,
+            mib(r.bytes_copied),
+            mib(r.bytes_total)
         ));
     }
     if !view.gateways.is_empty() {

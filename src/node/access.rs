@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 /// or `None` for a method this table does not know, which nobody may call.
 pub fn role_for(method: &str) -> Option<Role> {
     Some(match method {
-        "Raft" | "Propose" | "Query" | "ChangeMembership" | "ShardChunks" | "PutChunk"
-        | "GetChunk" | "MasterKeyStep" | "ForgetTenantKeys" => Role::Node,
+        "Raft" | "Propose" | "Query" | "ChangeMembership" | "ShardChunks" | "LocalLayout"
+        | "PutChunk" | "GetChunk" | "MasterKeyStep" | "ForgetTenantKeys" => Role::Node,
         "LookupAccessKey" | "ListBuckets" | "CreateBucket" | "DeleteBucket" | "HeadBucket"
         | "PutObject" | "GetObject" | "HeadObject" | "DeleteObject" | "CopyObject"
         | "ListObjects" | "CreateUpload" | "CompleteUpload" | "AbortUpload" | "ListParts"

@@ -4,7 +4,8 @@
 
 use super::chunks::Chunks;
 use crate::placement::{Layout, Member, MemberState};
-use crate::shard::{Command, Query, ShardError, ShardHost, Value};
+use crate::rpc::pb;
+use crate::shard::{decode, Command, Query, ShardError, ShardHost, Value};
 use crate::types::{NodeId, ShardId};
 use std::time::Duration;
 
@@ -79,8 +80,15 @@ pub fn add(layout: &mut Layout, id: NodeId, member: Member) -> Result<()> {
 pub async fn follow(chunks: Chunks) {
     loop {
         tokio::time::sleep(FOLLOW_EVERY).await;
-        let Ok(layout) = current(&chunks.host).await else {
-            continue;
+        let layout = match current(&chunks.host).await {
+            Ok(layout) => layout,
+            // Every layout a node adopted was once the meta shard's, and
+            // epochs only grow: a peer's newer one is safe to take, and
+            // leads this node to the meta shard's current replicas.
+            Err(_) => match newest_of_peers(&chunks.host).await {
+                Some(layout) => layout,
+                None => continue,
+            },
         };
         if layout.epoch <= chunks.host.layout().epoch {
             continue;
@@ -159,4 +167,28 @@ pub fn remove(layout: &mut Layout, id: NodeId, dead: bool) -> Result<()> {
     }
     layout.members.get_mut(&id).expect("checked above").state = MemberState::Removed;
     Ok(())
+}
+
+/// The newest layout any other member has adopted.
+async fn newest_of_peers(host: &ShardHost) -> Option<Layout> {
+    let mine = host.layout();
+    let mut newest: Option<Layout> = None;
+    for node in mine.live_nodes().into_iter().filter(|n| *n != host.id) {
+        let Some(addr) = mine.addr_of(node) else {
+            continue;
+        };
+        let Ok(mut client) = host.pool().client(addr) else {
+            continue;
+        };
+        let asked = tokio::time::timeout(Duration::from_secs(2), client.local_layout(pb::Empty {}));
+        let Ok(Ok(reply)) = asked.await else {
+            continue;
+        };
+        if let Ok(layout) = decode::<Layout>(&reply.into_inner().payload) {
+            if newest.as_ref().is_none_or(|n| layout.epoch > n.epoch) {
+                newest = Some(layout);
+            }
+        }
+    }
+    newest
 }

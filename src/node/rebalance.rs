@@ -34,6 +34,9 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 const MOVE_DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// Failed attempts at one move before the rebalance stops as failed.
 const MOVE_ATTEMPTS: u32 = 10;
+/// Log entries a learner may trail by and count as caught up: under load
+/// the leader's last entry moves on while the learner's answer is in flight.
+const CATCH_UP_SLACK: u64 = 16;
 
 /// The latest rebalance, running or not.
 pub async fn latest(host: &ShardHost) -> Result<Option<Rebalance>> {
@@ -181,16 +184,17 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
         }
         if r.cancel {
             r.state = RebalanceState::Cancelled;
-            return record(&chunks.host, &mut r).await;
+            return record(&chunks.host, r.done, &mut r).await;
         }
         let mv = r.moves[r.done].clone();
         match move_replica(chunks, &mv).await {
             Ok(()) => {
                 attempts = 0;
+                let expected_done = r.done;
                 r.done += 1;
                 r.bytes_copied += mv.bytes;
                 copied_here += mv.bytes;
-                record(&chunks.host, &mut r).await?;
+                record(&chunks.host, expected_done, &mut r).await?;
                 pace(r.rate, copied_here, started).await;
             }
             Err(e) => {
@@ -201,22 +205,25 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
                         "moving shard {} from node {} to node {}: {e}",
                         mv.shard, mv.from, mv.to
                     ));
-                    return record(&chunks.host, &mut r).await;
+                    return record(&chunks.host, r.done, &mut r).await;
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
     }
-    balance_leaders(&chunks.host).await;
+    balance_leaders(chunks).await;
     finish_drains(&chunks.host).await?;
     r.state = RebalanceState::Done;
-    record(&chunks.host, &mut r).await
+    record(&chunks.host, r.done, &mut r).await
 }
 
-async fn record(host: &ShardHost, r: &mut Rebalance) -> Result<()> {
+/// Stores `r` as the rebalance's progress, if the stored one is still at
+/// `expected_done` moves.
+async fn record(host: &ShardHost, expected_done: usize, r: &mut Rebalance) -> Result<()> {
     r.updated_ms = now_ms();
     let cmd = Command::UpdateRebalance {
         rebalance: r.clone(),
+        expected_done,
     };
     host.propose(ShardId::META, &cmd).await.map(|_| ())
 }
@@ -265,16 +272,22 @@ async fn move_replica(chunks: &Chunks, mv: &Move) -> Result<()> {
             })
             .await?;
         }
+        let addr = layout
+            .addr_of(mv.to)
+            .ok_or_else(|| ShardError::InvalidArgument(format!("node {} is not a member", mv.to)))?
+            .to_string();
+        let add = MembershipOp::AddLearner {
+            node: mv.to,
+            addr: addr.clone(),
+        };
         until(deadline, "the new replica to open", || async {
-            host.membership(shard, &MembershipOp::AddLearner { node: mv.to })
-                .await
-                .is_ok()
+            host.membership(shard, &add).await.is_ok()
         })
         .await?;
         until(deadline, "the new replica to catch up", || async {
             matches!(
                 host.membership(shard, &MembershipOp::Progress { node: mv.to }).await,
-                Ok(Value::Progress { matched, last }) if matched >= last
+                Ok(Value::Progress { matched, last }) if matched + CATCH_UP_SLACK >= last && matched > 0
             )
         })
         .await?;
@@ -322,8 +335,10 @@ where
 }
 
 /// Hands leadership of shards around so no node leads more than its share
-/// plus one. Best effort: a shard whose hand-over fails keeps its leader.
-async fn balance_leaders(host: &ShardHost) {
+/// plus one, among the nodes that answer. Best effort: a shard whose
+/// hand-over fails keeps its leader (or elects another).
+async fn balance_leaders(chunks: &Chunks) {
+    let host = &chunks.host;
     let layout = host.layout();
     let mut shards = Vec::new();
     for s in 0..layout.shards {
@@ -331,13 +346,25 @@ async fn balance_leaders(host: &ShardHost) {
         let leader = leader_of(host, shard).await;
         shards.push((shard, layout.replicas(shard), leader));
     }
-    for (shard, to) in planner::plan_leaders(&node_infos(&layout), &shards) {
+    let mut nodes = node_infos(&layout);
+    for n in nodes.iter_mut().filter(|n| n.accepting) {
+        n.accepting = answers(chunks, n.id).await;
+    }
+    for (shard, to) in planner::plan_leaders(&nodes, &shards) {
         if let Err(e) = host
             .membership(shard, &MembershipOp::TransferLeader { node: to })
             .await
         {
             tracing::info!(%shard, to, "leadership stays: {e}");
         }
+    }
+}
+
+/// True if `node` answers at all (a "no replica here" is an answer).
+async fn answers(chunks: &Chunks, node: NodeId) -> bool {
+    match chunk_count(chunks, node, ShardId::META).await {
+        Ok(_) => true,
+        Err(e) => !matches!(e, ShardError::Unavailable(_)),
     }
 }
 

@@ -196,17 +196,19 @@ impl Node for NodeService {
         let payload = match msg.kind.as_str() {
             "append" => encode(
                 &raft
-                    .append_entries(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .append_entries(crate::shard::command::from_msgpack(&msg.payload).map_err(de)?)
                     .await,
             ),
             "vote" => encode(
                 &raft
-                    .vote(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .vote(crate::shard::command::from_msgpack(&msg.payload).map_err(de)?)
                     .await,
             ),
             "snapshot" => encode(
                 &raft
-                    .install_snapshot(rmp_serde::from_slice(&msg.payload).map_err(de)?)
+                    .install_snapshot(
+                        crate::shard::command::from_msgpack(&msg.payload).map_err(de)?,
+                    )
                     .await,
             ),
             other => {
@@ -261,6 +263,13 @@ impl Node for NodeService {
             .await;
         ok(pb::ShardReply {
             payload: encode(&reply).into(),
+        })
+    }
+
+    async fn local_layout(&self, _req: Request<pb::Empty>) -> Rpc<pb::ShardReply> {
+        let layout = self.objects.chunks.host.layout();
+        ok(pb::ShardReply {
+            payload: encode(&*layout).into(),
         })
     }
 

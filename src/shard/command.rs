@@ -222,9 +222,14 @@ pub enum Command {
     SetLayout { expected_epoch: u64, layout: Layout },
     /// Meta shard: store a new rebalance; fails while another runs.
     StartRebalance { rebalance: Rebalance },
-    /// Meta shard: record a running rebalance's progress; a cancellation
-    /// asked for meanwhile is kept.
-    UpdateRebalance { rebalance: Rebalance },
+    /// Meta shard: record a running rebalance's progress, if the stored
+    /// one is still at `expected_done` moves (so a coordinator that lost
+    /// the meta leadership cannot overwrite its successor's progress); a
+    /// cancellation asked for meanwhile is kept.
+    UpdateRebalance {
+        rebalance: Rebalance,
+        expected_done: usize,
+    },
     /// Meta shard: ask the running rebalance to stop after its current move.
     CancelRebalance,
 }
@@ -378,8 +383,10 @@ pub enum Value {
 /// A change to a shard's Raft group, run on its leader.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MembershipOp {
-    /// Starts replicating to `node` as a non-voting learner.
-    AddLearner { node: u64 },
+    /// Starts replicating to `node`, at `addr`, as a non-voting learner.
+    /// The address travels with the request: the leader may not have
+    /// adopted the layout that added the node yet.
+    AddLearner { node: u64, addr: String },
     /// How far `node` has caught up.
     Progress { node: u64 },
     /// Makes exactly `voters` the voters (joint consensus underneath);
@@ -457,5 +464,20 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ShardError> {
-    rmp_serde::from_slice(bytes).map_err(|e| ShardError::Internal(format!("decoding: {e}")))
+    from_msgpack(bytes).map_err(|e| ShardError::Internal(format!("decoding: {e}")))
+}
+
+/// Deepest nesting a msgpack value may have: far above any of our types,
+/// far below what overflows a thread's stack when a hostile peer's
+/// message nests arrays inside a field that decoding skips.
+const MAX_DEPTH: usize = 64;
+
+/// Decodes msgpack from a peer or a disk, refusing nesting deeper than
+/// [`MAX_DEPTH`] (rmp-serde's default of 1024 overflows a 2 MiB stack).
+pub fn from_msgpack<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }

@@ -316,7 +316,10 @@ impl ShardHost {
                     result.err().map(|e| e.to_string()).unwrap_or_default()
                 )));
             }
-            target = match leader.filter(|l| members.contains(l) && *l != target) {
+            // A hint may name a node this node's layout does not list as a
+            // replica yet (it is behind on a move); any member will do.
+            let known = |l: &NodeId| members.contains(l) || self.addr_of(*l).is_some();
+            target = match leader.filter(|l| known(l) && *l != target) {
                 Some(l) => l,
                 None => {
                     // No usable hint: an election is likely running. Back off
@@ -405,8 +408,8 @@ impl ShardHost {
         }
         let failed = |e: String| ShardError::Unavailable(format!("shard {shard}: {e}"));
         match op {
-            MembershipOp::AddLearner { node } => {
-                let named = basic_node(&self.layout(), *node);
+            MembershipOp::AddLearner { node, addr } => {
+                let named = BasicNode { addr: addr.clone() };
                 r.raft
                     .add_learner(*node, named, false)
                     .await

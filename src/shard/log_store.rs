@@ -115,7 +115,7 @@ fn vote_err(e: impl ToString) -> StorageError<NodeId> {
 }
 
 fn decode_entry(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
-    rmp_serde::from_slice(bytes).map_err(read_err)
+    crate::shard::command::from_msgpack(bytes).map_err(read_err)
 }
 
 impl LogStore {
@@ -140,7 +140,9 @@ impl LogStore {
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> StorageResult<Option<T>> {
         match self.vote.get(k).map_err(read_err)? {
-            Some(v) => Ok(Some(rmp_serde::from_slice(&v).map_err(read_err)?)),
+            Some(v) => Ok(Some(
+                crate::shard::command::from_msgpack(&v).map_err(read_err)?,
+            )),
             None => Ok(None),
         }
     }

@@ -85,7 +85,7 @@ impl Peer {
                 }
             })?;
         let decoded: Result<Resp, RaftError<NodeId, E>> =
-            rmp_serde::from_slice(&reply.into_inner().payload)
+            crate::shard::command::from_msgpack(&reply.into_inner().payload)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }

@@ -122,7 +122,7 @@ fn read_header<R: Read>(r: &mut R) -> std::io::Result<Meta> {
         return Err(invalid("not a Lumbung snapshot"));
     }
     let len = read_len(r)?;
-    rmp_serde::from_slice(&read_block(r, len)?).map_err(|e| invalid(&e.to_string()))
+    crate::shard::command::from_msgpack(&read_block(r, len)?).map_err(|e| invalid(&e.to_string()))
 }
 
 /// Reads a whole snapshot file, handing each pair to `each`, and checks

@@ -494,9 +494,13 @@ impl State {
                 }
                 batch.insert(&[tag::REBALANCE], encode(rebalance));
             }
-            Command::UpdateRebalance { rebalance } => {
+            Command::UpdateRebalance {
+                rebalance,
+                expected_done,
+            } => {
                 let stored: Option<Rebalance> = self.get(&[tag::REBALANCE])?;
-                let Some(stored) = stored.filter(|r| r.id == rebalance.id) else {
+                let current = |r: &Rebalance| r.id == rebalance.id && r.done == *expected_done;
+                let Some(stored) = stored.filter(current) else {
                     return Err(ShardError::InvalidArgument(
                         "that rebalance is no longer the current one".into(),
                     ));
