@@ -53,6 +53,39 @@ async fn load(client: aws_sdk_s3::Client, acked: Acked, stop: Arc<AtomicBool>) -
     failures
 }
 
+/// Writes `n` objects of [`OBJECT`] bytes under `before/`.
+async fn write_before(client: &aws_sdk_s3::Client, n: u64) -> BTreeMap<String, u64> {
+    let mut acked = BTreeMap::new();
+    for i in 0..n {
+        let key = format!("before/{i}");
+        client
+            .put_object()
+            .bucket("demo")
+            .key(&key)
+            .body(ByteStream::from(common::bytes(i, OBJECT)))
+            .send()
+            .await
+            .unwrap();
+        acked.insert(key, i);
+    }
+    acked
+}
+
+/// Writes node `id`'s files into the cluster folder and starts it (not yet
+/// a member); returns its address.
+async fn start_new_node(cluster: &mut lumbung::dev::DevCluster, id: usize) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
+        .parse()
+        .unwrap();
+    let path = lumbung::admin::init::init_node(&cluster.dir, id as u64, addr, None).unwrap();
+    let cfg = lumbung::config::load(&path).unwrap();
+    cluster.nodes.resize_with(id - 1, || None);
+    cluster
+        .nodes
+        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    addr
+}
+
 async fn wait_done(admin: &AdminConfig, id: i64, limit: Duration) -> pb::RebalanceStatus {
     let started = Instant::now();
     loop {
@@ -79,29 +112,10 @@ async fn a_fourth_node_takes_its_share_under_load() {
     let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
     let client = common::s3(&cluster.env);
 
-    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..12u64 {
-        let key = format!("before/{i}");
-        client
-            .put_object()
-            .bucket("demo")
-            .key(&key)
-            .body(ByteStream::from(common::bytes(i, OBJECT)))
-            .send()
-            .await
-            .unwrap();
-        acked.insert(key, i);
-    }
+    let mut acked = write_before(&client, 12).await;
 
     // A new node: its files, its process, then membership.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
-        .parse()
-        .unwrap();
-    let path = lumbung::admin::init::init_node(&dir, 4, addr, None).unwrap();
-    let cfg = lumbung::config::load(&path).unwrap();
-    cluster
-        .nodes
-        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    let addr = start_new_node(&mut cluster, 4).await;
     let members = nodes::add(&admin, addr, "", None).await.unwrap();
     assert_eq!(members.members.len(), 4);
     let again = nodes::add(&admin, addr, "", None).await.unwrap_err();
@@ -203,37 +217,14 @@ async fn a_fourth_node_takes_its_share_under_load() {
     assert!(node4.chunk_count > 0, "node 4 received no chunks");
 
     acked.extend(live.lock().unwrap().clone());
-    for (key, seed) in &acked {
-        let len = if key.starts_with("before/") {
-            OBJECT
-        } else {
-            200_000
-        };
-        let got = client
-            .get_object()
-            .bucket("demo")
-            .key(key)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{key}: {}", common::code(&e)));
-        let body = got.body.collect().await.unwrap().into_bytes();
-        assert!(body == common::bytes(*seed, len), "{key} differs");
-    }
+    read_all(&client, &acked).await;
     println!("{} acknowledged objects read back", acked.len());
 
     // With node 1 stopped, everything still reads: each shard has two
     // other replicas, node 4's among them where it took one over.
     cluster.stop_node(1).await;
-    for (key, seed) in acked.iter().take(20) {
-        let len = if key.starts_with("before/") {
-            OBJECT
-        } else {
-            200_000
-        };
-        let got = client.get_object().bucket("demo").key(key).send().await;
-        let body = got.unwrap().body.collect().await.unwrap().into_bytes();
-        assert!(body == common::bytes(*seed, len), "{key} differs");
-    }
+    let some: BTreeMap<String, u64> = acked.into_iter().take(20).collect();
+    read_all(&client, &some).await;
     cluster.stop().await;
 }
 
@@ -299,19 +290,7 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
     let dir = cluster.dir.clone();
     let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
     let client = common::s3(&cluster.env);
-    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..6u64 {
-        let key = format!("before/{i}");
-        client
-            .put_object()
-            .bucket("demo")
-            .key(&key)
-            .body(ByteStream::from(common::bytes(i, OBJECT)))
-            .send()
-            .await
-            .unwrap();
-        acked.insert(key, i);
-    }
+    let mut acked = write_before(&client, 6).await;
     let live: Acked = Arc::new(Mutex::new(BTreeMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(load(common::s3(&cluster.env), live.clone(), stop.clone()));
@@ -336,16 +315,31 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
     assert_eq!(nodes::list(&admin).await.unwrap().epoch, epoch);
 
     // A spare joins; node 3 dies for good and is removed as dead.
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
-        .parse()
-        .unwrap();
-    let path = lumbung::admin::init::init_node(&dir, 5, addr, None).unwrap();
-    let cfg = lumbung::config::load(&path).unwrap();
-    cluster.nodes.push(None);
-    cluster
-        .nodes
-        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    let addr = start_new_node(&mut cluster, 5).await;
     nodes::add(&admin, addr, "", None).await.unwrap();
+
+    // A rebalance onto it, cancelled at once, stops after a whole move.
+    let run = nodes::rebalance(&admin, pb::RebalanceRequest::default())
+        .await
+        .unwrap();
+    let cancel = pb::RebalanceRequest {
+        cancel: true,
+        ..Default::default()
+    };
+    nodes::rebalance(&admin, cancel).await.unwrap();
+    let end = wait_done(&admin, run.id, Duration::from_secs(120)).await;
+    assert_eq!(end.state, "cancelled");
+    assert!(
+        (end.done as usize) < run.moves.len(),
+        "cancelled too late to show"
+    );
+    assert_at_rf(&admin, 3, &[4]).await;
+    let again = nodes::rebalance(&admin, cancel).await.unwrap_err();
+    assert!(
+        format!("{again:#}").contains("no rebalance is running"),
+        "{again:#}"
+    );
+
     cluster.stop_node(3).await;
     let lost = Instant::now();
     let dead = nodes::remove(&admin, 3, true).await.unwrap();
@@ -385,27 +379,8 @@ async fn a_rebalance_survives_the_death_of_its_coordinator() {
     let dir = cluster.dir.clone();
     let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
     let client = common::s3(&cluster.env);
-    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..8u64 {
-        let key = format!("before/{i}");
-        client
-            .put_object()
-            .bucket("demo")
-            .key(&key)
-            .body(ByteStream::from(common::bytes(i, OBJECT)))
-            .send()
-            .await
-            .unwrap();
-        acked.insert(key, i);
-    }
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_ports(1))
-        .parse()
-        .unwrap();
-    let path = lumbung::admin::init::init_node(&dir, 4, addr, None).unwrap();
-    let cfg = lumbung::config::load(&path).unwrap();
-    cluster
-        .nodes
-        .push(Some(lumbung::node::start(cfg).await.unwrap()));
+    let acked = write_before(&client, 8).await;
+    let addr = start_new_node(&mut cluster, 4).await;
     nodes::add(&admin, addr, "", None).await.unwrap();
 
     let run = nodes::rebalance(&admin, pb::RebalanceRequest::default())

@@ -118,6 +118,9 @@ pub fn render_plan(status: &pb::RebalanceStatus) -> String {
     out
 }
 
+/// How long `watch` waits for any node to answer before giving up.
+const SILENCE: Duration = Duration::from_secs(60);
+
 /// Follows the running rebalance with a progress bar (moves done, bytes
 /// copied, rate, time left) until it ends; returns how it ended.
 pub async fn watch(cfg: &AdminConfig, id: i64) -> anyhow::Result<pb::RebalanceStatus> {
@@ -130,6 +133,7 @@ pub async fn watch(cfg: &AdminConfig, id: i64) -> anyhow::Result<pb::RebalanceSt
         )?
         .progress_chars("=> "),
     );
+    let mut last_answer = std::time::Instant::now();
     loop {
         if status.id != id {
             bar.abandon_with_message("another rebalance replaced this one");
@@ -147,9 +151,20 @@ pub async fn watch(cfg: &AdminConfig, id: i64) -> anyhow::Result<pb::RebalanceSt
             return Ok(status);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        // A node dying mid-rebalance is expected; keep asking the others.
-        if let Ok(next) = progress(cfg).await {
-            status = next;
+        // A node dying mid-rebalance is expected; keep asking the others,
+        // and give up only when none has answered for a while.
+        match progress(cfg).await {
+            Ok(next) => {
+                status = next;
+                last_answer = std::time::Instant::now();
+            }
+            Err(e) if last_answer.elapsed() > SILENCE => {
+                bar.abandon();
+                anyhow::bail!(
+                    "no node answered for {SILENCE:?} ({e:#}); the rebalance goes on in the cluster, follow it again with `rebalance --resume`"
+                );
+            }
+            Err(_) => {}
         }
     }
 }

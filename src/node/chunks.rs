@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Chunks a node copies from its peers at once while repairing.
+const REPAIRS_AT_ONCE: usize = 4;
+
 /// The chunk side of a node: local files plus the replicas of other nodes.
 #[derive(Clone)]
 pub struct Chunks {
@@ -204,15 +207,25 @@ impl Chunks {
             Ok(named) => tracing::info!(named, "start-up audit found chunks to repair"),
             Err(e) => tracing::error!("start-up chunk audit failed: {e}"),
         }
-        let missing = self.missing.clone();
+        // A few copies at once: each waits mostly on a peer and an fsync.
+        // The set is dropped with this task, which aborts the copies too.
+        let mut copies = tokio::task::JoinSet::new();
         loop {
-            let id = missing.next().await;
-            if self.store.contains(&id) || self.copy_from_peers(id).await {
-                missing.done(id);
-            } else {
-                let attempts = missing.retry(id);
-                tracing::warn!(chunk = %id.to_hex(), attempts, "no replica could give a missing chunk yet");
+            while copies.len() >= REPAIRS_AT_ONCE {
+                copies.join_next().await;
             }
+            let id = self.missing.next().await;
+            let this = self.clone();
+            copies.spawn(async move {
+                if this.store.contains(&id) || this.copy_from_peers(id).await {
+                    this.missing.done(id);
+                } else {
+                    let attempts = this.missing.retry(id);
+                    tracing::warn!(chunk = %id.to_hex(), attempts, "no replica could give a missing chunk yet");
+                }
+            });
+            // Reap finished copies so the set does not grow.
+            while copies.try_join_next().is_some() {}
         }
     }
 
