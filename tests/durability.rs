@@ -206,7 +206,21 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         "writes stalled {gap:?} after the leader died"
     );
     procs.spawn(leader);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Only once it is back and caught up can the other two lose a node.
+    let back = Instant::now();
+    loop {
+        let view = status(&admin).await;
+        if view.nodes.iter().all(|n| n.up) && shards_behind(&admin, leader, &view).await.is_empty()
+        {
+            println!("node {leader} back and caught up in {:?}", back.elapsed());
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "node {leader} did not come back and catch up within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // 3. A node misses far more than the log keeps, then catches up.
     let laggard = if leader == 3 { 1 } else { 3 };

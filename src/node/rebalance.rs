@@ -178,8 +178,10 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
         if !leads_meta(&chunks.host) {
             return Ok(());
         }
+        // The stored record is the truth: another coordinator may have
+        // moved on, and the admin may have cancelled.
         match latest(&chunks.host).await? {
-            Some(now) if now.id == r.id && now.running() => r.cancel = now.cancel,
+            Some(now) if now.id == r.id && now.running() => r = now,
             _ => return Ok(()),
         }
         if r.cancel {
