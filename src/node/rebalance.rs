@@ -46,14 +46,8 @@ pub async fn latest(host: &ShardHost) -> Result<Option<Rebalance>> {
     }
 }
 
-/// Plans a rebalance of the current layout; with `start`, stores it for
-/// the meta leader to carry out.
-pub async fn plan(
-    chunks: &Chunks,
-    max_moves: Option<usize>,
-    rate: u64,
-    start: bool,
-) -> Result<Rebalance> {
+/// Plans a rebalance of the current layout.
+pub async fn plan(chunks: &Chunks, max_moves: Option<usize>, rate: u64) -> Result<Rebalance> {
     let layout = members::current(&chunks.host).await?;
     let shards = shard_sizes(chunks, &layout).await;
     let moves = planner::plan(&node_infos(&layout), &shards, layout.replication, max_moves)
@@ -68,13 +62,16 @@ pub async fn plan(
         state: RebalanceState::Running,
         updated_ms: now_ms(),
     };
-    if start {
-        let cmd = Command::StartRebalance {
-            rebalance: rebalance.clone(),
-        };
-        chunks.host.propose(ShardId::META, &cmd).await?;
-    }
     Ok(rebalance)
+}
+
+/// Stores `rebalance` for the meta leader to carry out; fails while
+/// another runs.
+pub async fn start(host: &ShardHost, rebalance: &Rebalance) -> Result<()> {
+    let cmd = Command::StartRebalance {
+        rebalance: rebalance.clone(),
+    };
+    host.propose(ShardId::META, &cmd).await.map(|_| ())
 }
 
 /// The planner's view of the members: only active nodes take replicas.

@@ -168,16 +168,14 @@ impl NodeService {
         members::change(&chunks.host, change)
             .await
             .map_err(status_of)?;
-        let planned = rebalance::plan(chunks, None, 0, false)
-            .await
-            .map_err(status_of)?;
+        let planned = rebalance::plan(chunks, None, 0).await.map_err(status_of)?;
         if planned.moves.is_empty() {
             return ok(rebalance_status(None));
         }
-        let started = rebalance::plan(chunks, None, 0, true)
+        rebalance::start(&chunks.host, &planned)
             .await
             .map_err(status_of)?;
-        ok(rebalance_status(Some(&started)))
+        ok(rebalance_status(Some(&planned)))
     }
 }
 
@@ -828,9 +826,14 @@ impl Node for NodeService {
             self.refuse_if_rebalancing().await?;
         }
         let max_moves = (r.max_moves > 0).then_some(r.max_moves as usize);
-        let planned = rebalance::plan(chunks, max_moves, r.rate, !r.dry_run)
+        let planned = rebalance::plan(chunks, max_moves, r.rate)
             .await
             .map_err(status_of)?;
+        if !r.dry_run {
+            rebalance::start(&chunks.host, &planned)
+                .await
+                .map_err(status_of)?;
+        }
         ok(rebalance_status(Some(&planned)))
     }
 

@@ -121,7 +121,7 @@ impl ShardHost {
             flusher,
         };
         for shard in layout.shards_of(id) {
-            host.open(shard, pool_network(&host, shard)).await?;
+            host.open(shard).await?;
         }
         if layout.epoch == 0 {
             host.initialize_groups().await?;
@@ -129,8 +129,12 @@ impl ShardHost {
         Ok(host)
     }
 
-    async fn open(&self, shard: ShardId, network: Network) -> anyhow::Result<()> {
+    async fn open(&self, shard: ShardId) -> anyhow::Result<()> {
         let o = &self.opener;
+        let network = Network {
+            shard,
+            pool: self.pool.clone(),
+        };
         let log_store = LogStore::open(&o.db, o.log.clone(), shard, self.flusher.clone())?;
         let state = State::new(o.db.open_tree(format!("sm/{shard}"))?);
         let sm = StateMachine::new(
@@ -199,7 +203,7 @@ impl ShardHost {
         tracing::info!(epoch = self.layout().epoch, "adopted a new layout");
         for &shard in now.iter().filter(|s| !was.contains(s)) {
             self.wipe(shard).await?;
-            self.open(shard, pool_network(self, shard)).await?;
+            self.open(shard).await?;
             tracing::info!(%shard, "opened a replica the layout assigns here");
         }
         let mut dropped = Vec::new();
@@ -508,13 +512,6 @@ impl ShardHost {
         for r in replicas {
             let _ = r.raft.shutdown().await;
         }
-    }
-}
-
-fn pool_network(host: &ShardHost, shard: ShardId) -> Network {
-    Network {
-        shard,
-        pool: host.pool.clone(),
     }
 }
 
