@@ -124,7 +124,7 @@ enum AdminCommand {
         /// itself; this only shows it).
         #[arg(long, conflicts_with_all = ["dry_run", "cancel"])]
         resume: bool,
-        /// Stop the running rebalance after its current move.
+        /// Stop the running rebalance once its moves under way are done.
         #[arg(long, conflicts_with = "dry_run")]
         cancel: bool,
     },
@@ -486,7 +486,7 @@ async fn rebalance(
     let status = admin::nodes::rebalance(cfg, request).await?;
     if cancel {
         println!(
-            "the rebalance stops after its current move ({} of {} done)",
+            "the rebalance stops once its moves under way are done ({} of {} done)",
             status.done,
             status.moves.len()
         );

@@ -14,60 +14,14 @@
 mod common;
 
 use aws_sdk_s3::primitives::ByteStream;
+use common::processes::Processes;
 use common::{bytes, s3};
 use lumbung::admin::{init_cluster, S3Env};
 use lumbung::config::{self, AdminConfig};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The cluster's processes, by node id (index 0 is the gateway).
-struct Processes {
-    dir: PathBuf,
-    children: Vec<Option<Child>>,
-}
-
-impl Processes {
-    fn spawn(&mut self, slot: usize) {
-        let (what, file) = if slot == 0 {
-            ("gateway", "gateway.toml".to_string())
-        } else {
-            ("node", format!("node{slot}.toml"))
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{what}{slot}.log")))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lumbung"))
-            .args([what, "--config"])
-            .arg(self.dir.join(file))
-            .env("RUST_LOG", "warn,openraft=error,lumbung::shard=info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children[slot] = Some(child);
-    }
-
-    /// SIGKILL: no shutdown path runs, exactly like a power cut of the process.
-    fn kill(&mut self, slot: usize) {
-        if let Some(mut c) = self.children[slot].take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for slot in 0..self.children.len() {
-            self.kill(slot);
-        }
-    }
-}
 
 /// What the writer learned: acknowledged objects and when each PUT ended.
 #[derive(Default)]
@@ -151,10 +105,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         .layout();
     let index_shard = layout.shard_for_bucket("demo", "demo").0;
 
-    let mut procs = Processes {
-        dir: dir.clone(),
-        children: (0..4).map(|_| None).collect(),
-    };
+    let mut procs = Processes::new(&dir);
     for slot in [1, 2, 3, 0] {
         procs.spawn(slot);
     }
@@ -215,10 +166,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
             println!("node {leader} back and caught up in {:?}", back.elapsed());
             break;
         }
-        assert!(
-            back.elapsed() < Duration::from_secs(60),
-            "node {leader} did not come back and catch up within 60 s"
-        );
+        if back.elapsed() > Duration::from_secs(60) {
+            procs.print_log_tails(60);
+            panic!("node {leader} did not come back and catch up within 60 s");
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -253,10 +204,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
             );
             break;
         }
-        assert!(
-            caught_up.elapsed() < Duration::from_secs(180),
-            "node {laggard} did not catch up: shards behind {behind:?}, chunks missing per node {missing:?}"
-        );
+        if caught_up.elapsed() > Duration::from_secs(180) {
+            procs.print_log_tails(60);
+            panic!("node {laggard} did not catch up: shards behind {behind:?}, chunks missing per node {missing:?}");
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
@@ -290,7 +241,6 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     }
 }
 
-/// The last applied index of `shard` on node `id` alone.
 /// The shards whose state on node `id` is behind what the cluster applied.
 async fn shards_behind(
     admin: &AdminConfig,

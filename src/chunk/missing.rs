@@ -2,9 +2,10 @@
 //! snapshots and the start-up audit name them, and the node's repair task
 //! works the list off, retrying with backoff until a replica answers.
 
+use super::ChunkStore;
 use crate::types::ChunkId;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -15,8 +16,9 @@ const GRACE: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts at a chunk no replica would give.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
 pub struct Missing {
+    /// Where the chunks go: a chunk already there is not missing.
+    store: Arc<ChunkStore>,
     queue: Mutex<Queue>,
     wake: Notify,
 }
@@ -30,9 +32,22 @@ struct Queue {
 }
 
 impl Missing {
-    /// Notes that this node should hold `id`. Naming a queued chunk again
-    /// changes nothing.
+    /// Nothing missing yet from `store`.
+    pub fn new(store: Arc<ChunkStore>) -> Self {
+        Missing {
+            store,
+            queue: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Notes that this node should hold `id`, unless it does already (the
+    /// usual case: a chunk is written before it is recorded). Naming a
+    /// queued chunk again changes nothing.
     pub fn name(&self, id: ChunkId) {
+        if self.store.contains(&id) {
+            return;
+        }
         let mut q = self.queue.lock().unwrap();
         if q.attempts.contains_key(&id) {
             return;
@@ -101,7 +116,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn named_chunks_come_due_after_the_grace_and_retries_back_off() {
-        let m = Missing::default();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path()).unwrap());
+        let m = Missing::new(store.clone());
+        let held = bytes::Bytes::from_static(b"already here");
+        let held_id = ChunkId::of(&held);
+        store.put_verified(held_id, held).await.unwrap();
+        m.name(held_id);
+        assert!(m.is_empty(), "a chunk on disk was named missing");
         m.name(id(1));
         m.name(id(1));
         m.name(id(2));

@@ -13,6 +13,10 @@ type Result<T> = std::result::Result<T, ShardError>;
 
 /// How often a node asks the meta shard for a newer layout.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// How often a layout change is tried again on a newer layout.
+const CHANGE_ATTEMPTS: u32 = 5;
+/// The least time between two looks, however often peers hint at a change.
+const FOLLOW_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 
 /// The cluster's layout as the meta shard holds it now.
 pub async fn current(host: &ShardHost) -> Result<Layout> {
@@ -24,22 +28,29 @@ pub async fn current(host: &ShardHost) -> Result<Layout> {
 }
 
 /// Applies `change` to the current layout and stores the result as the
-/// next epoch. Fails, changing nothing, if `change` refuses or another
-/// change was stored meanwhile.
+/// next epoch. When another change was stored meanwhile, applies `change`
+/// again to that one (a few times). Fails, changing nothing, if `change`
+/// refuses.
 pub async fn change(
     host: &ShardHost,
-    change: impl FnOnce(&mut Layout) -> Result<()>,
+    change: impl Fn(&mut Layout) -> Result<()>,
 ) -> Result<Layout> {
-    let mut layout = current(host).await?;
-    let expected_epoch = layout.epoch;
-    change(&mut layout)?;
-    layout.epoch = expected_epoch + 1;
-    let cmd = Command::SetLayout {
-        expected_epoch,
-        layout: layout.clone(),
-    };
-    host.propose(ShardId::META, &cmd).await?;
-    Ok(layout)
+    let mut attempts = 0;
+    loop {
+        let mut layout = current(host).await?;
+        let expected_epoch = layout.epoch;
+        change(&mut layout)?;
+        layout.epoch = expected_epoch + 1;
+        let cmd = Command::SetLayout {
+            expected_epoch,
+            layout: layout.clone(),
+        };
+        match host.propose(ShardId::META, &cmd).await {
+            Ok(_) => return Ok(layout),
+            Err(ShardError::LayoutChanged { .. }) if attempts < CHANGE_ATTEMPTS => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Makes `id` at `member.addr` a member. It holds nothing until a
@@ -79,7 +90,13 @@ pub fn add(layout: &mut Layout, id: NodeId, member: Member) -> Result<()> {
 /// the chunks of replicas it no longer holds.
 pub async fn follow(chunks: Chunks) {
     loop {
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        tokio::time::sleep(FOLLOW_AT_MOST_EVERY).await;
+        // A new replica's leader calls on it at once: look then, rather
+        // than up to a second later.
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_EVERY - FOLLOW_AT_MOST_EVERY) => {}
+            _ = chunks.host.layout_maybe_stale() => {}
+        }
         let layout = match current(&chunks.host).await {
             Ok(layout) => layout,
             // Every layout a node adopted was once the meta shard's, and

@@ -89,7 +89,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
     let identity = ReloadableIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
-    let missing = Arc::new(crate::chunk::Missing::default());
+    let missing = Arc::new(crate::chunk::Missing::new(store.clone()));
     let host = Arc::new(
         ShardHost::start(
             cfg.node_id,

@@ -32,8 +32,14 @@ type Result<T> = std::result::Result<T, ShardError>;
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How long one move may take before the rebalance fails.
 const MOVE_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Moves carried out at once. Most of a move's time is spent waiting on
+/// Raft rounds and polls; its chunk copies go through the receiving node's
+/// repair queue, which bounds them per node however many moves run.
+const MOVES_AT_ONCE: usize = 4;
 /// Failed attempts at one move before the rebalance stops as failed.
 const MOVE_ATTEMPTS: u32 = 10;
+/// Rounds of leadership hand-overs after a rebalance.
+const LEADER_ROUNDS: usize = 3;
 /// Log entries a learner may trail by and count as caught up: under load
 /// the leader's last entry moves on while the learner's answer is in flight.
 const CATCH_UP_SLACK: u64 = 16;
@@ -164,9 +170,10 @@ fn leads_meta(host: &ShardHost) -> bool {
         .is_some_and(|r| r.metrics().borrow().current_leader == Some(host.id))
 }
 
-/// Carries out `r` from its next move on, recording progress after each.
-/// Returns when it is finished, cancelled, failed, or this node stops
-/// leading the meta shard (the next leader carries on).
+/// Carries out `r` from its next move on, a few moves at once, recording
+/// progress after each batch. Returns when it is finished, cancelled,
+/// failed, or this node stops leading the meta shard (the next leader
+/// carries on, repeating the moves of an unfinished batch).
 async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
     let started = Instant::now();
     let mut copied_here = 0u64;
@@ -185,35 +192,54 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
             r.state = RebalanceState::Cancelled;
             return record(&chunks.host, r.done, &mut r).await;
         }
-        let mv = r.moves[r.done].clone();
-        match move_replica(chunks, &mv).await {
-            Ok(()) => {
-                attempts = 0;
-                let expected_done = r.done;
-                r.done += 1;
-                r.bytes_copied += mv.bytes;
-                copied_here += mv.bytes;
-                record(&chunks.host, expected_done, &mut r).await?;
-                pace(r.rate, copied_here, started).await;
+        let batch = next_batch(&r.moves[r.done..]);
+        let results =
+            futures::future::join_all(batch.iter().map(|mv| move_replica(chunks, mv))).await;
+        // Progress counts only the moves done in order; later ones that
+        // finished are repeated next time, which costs a few checks.
+        let finished = results.iter().take_while(|r| r.is_ok()).count();
+        if finished > 0 {
+            attempts = 0;
+            let expected_done = r.done;
+            let bytes: u64 = batch[..finished].iter().map(|m| m.bytes).sum();
+            r.done += finished;
+            r.bytes_copied += bytes;
+            copied_here += bytes;
+            record(&chunks.host, expected_done, &mut r).await?;
+            pace(r.rate, copied_here, started).await;
+        }
+        if let Some(Err(e)) = results.into_iter().nth(finished) {
+            let mv = &batch[finished];
+            attempts += 1;
+            tracing::warn!(shard = %mv.shard, from = mv.from, to = mv.to, attempts, "move failed: {e}");
+            if attempts >= MOVE_ATTEMPTS {
+                r.state = RebalanceState::Failed(format!(
+                    "moving shard {} from node {} to node {}: {e}",
+                    mv.shard, mv.from, mv.to
+                ));
+                return record(&chunks.host, r.done, &mut r).await;
             }
-            Err(e) => {
-                attempts += 1;
-                tracing::warn!(shard = %mv.shard, from = mv.from, to = mv.to, attempts, "move failed: {e}");
-                if attempts >= MOVE_ATTEMPTS {
-                    r.state = RebalanceState::Failed(format!(
-                        "moving shard {} from node {} to node {}: {e}",
-                        mv.shard, mv.from, mv.to
-                    ));
-                    return record(&chunks.host, r.done, &mut r).await;
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
     balance_leaders(chunks).await;
     finish_drains(&chunks.host).await?;
     r.state = RebalanceState::Done;
     record(&chunks.host, r.done, &mut r).await
+}
+
+/// The next moves to run together: up to [`MOVES_AT_ONCE`] in plan order,
+/// each of a different shard, so no shard ever has more than one extra
+/// replica.
+fn next_batch(moves: &[Move]) -> Vec<Move> {
+    let mut batch: Vec<Move> = Vec::new();
+    for mv in moves.iter().take(MOVES_AT_ONCE) {
+        if batch.iter().any(|b| b.shard == mv.shard) {
+            break;
+        }
+        batch.push(mv.clone());
+    }
+    batch
 }
 
 /// Stores `r` as the rebalance's progress, if the stored one is still at
@@ -314,12 +340,14 @@ async fn move_replica(chunks: &Chunks, mv: &Move) -> Result<()> {
     Ok(())
 }
 
-/// Polls `ready` every half second until it holds or `deadline` passes.
+/// Polls `ready` until it holds or `deadline` passes: soon at first (most
+/// steps of a small move take tens of milliseconds), then every half second.
 async fn until<F, Fut>(deadline: Instant, what: &str, mut ready: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    let mut wait = Duration::from_millis(25);
     loop {
         if ready().await {
             return Ok(());
@@ -329,32 +357,41 @@ where
                 "gave up waiting for {what}"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(500));
     }
 }
 
 /// Hands leadership of shards around so no node leads more than its share
-/// plus one, among the nodes that answer. Best effort: a shard whose
-/// hand-over fails keeps its leader (or elects another).
+/// plus one, among the nodes that answer. A hand-over can fail (a busy
+/// leader's lease outlives the pause, or another node wins the election),
+/// so the leaders are looked at again, a few rounds at most. Best effort:
+/// a shard whose hand-over keeps failing keeps its leader.
 async fn balance_leaders(chunks: &Chunks) {
     let host = &chunks.host;
     let layout = host.layout();
-    let mut shards = Vec::new();
-    for s in 0..layout.shards {
-        let shard = ShardId(s);
-        let leader = leader_of(host, shard).await;
-        shards.push((shard, layout.replicas(shard), leader));
-    }
     let mut nodes = node_infos(&layout);
     for n in nodes.iter_mut().filter(|n| n.accepting) {
         n.accepting = answers(chunks, n.id).await;
     }
-    for (shard, to) in planner::plan_leaders(&nodes, &shards) {
-        if let Err(e) = host
-            .membership(shard, &MembershipOp::TransferLeader { node: to })
-            .await
-        {
-            tracing::info!(%shard, to, "leadership stays: {e}");
+    for _ in 0..LEADER_ROUNDS {
+        let mut shards = Vec::new();
+        for s in 0..layout.shards {
+            let shard = ShardId(s);
+            let leader = leader_of(host, shard).await;
+            shards.push((shard, layout.replicas(shard), leader));
+        }
+        let transfers = planner::plan_leaders(&nodes, &shards);
+        if transfers.is_empty() {
+            return;
+        }
+        for (shard, to) in transfers {
+            if let Err(e) = host
+                .membership(shard, &MembershipOp::TransferLeader { node: to })
+                .await
+            {
+                tracing::info!(%shard, to, "leadership stays: {e}");
+            }
         }
     }
 }
@@ -400,4 +437,28 @@ async fn finish_drains(host: &ShardHost) -> Result<()> {
     })
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mv(shard: u32) -> Move {
+        Move {
+            shard: ShardId(shard),
+            from: 1,
+            to: 4,
+            bytes: 10,
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_a_few_moves_and_never_two_of_one_shard() {
+        let moves: Vec<Move> = [1, 2, 3, 4, 5, 6].into_iter().map(mv).collect();
+        assert_eq!(next_batch(&moves).len(), MOVES_AT_ONCE);
+        let repeated: Vec<Move> = [1, 2, 1, 3].into_iter().map(mv).collect();
+        let batch: Vec<u32> = next_batch(&repeated).iter().map(|m| m.shard.0).collect();
+        assert_eq!(batch, [1, 2]);
+        assert!(next_batch(&[]).is_empty());
+    }
 }

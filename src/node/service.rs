@@ -161,7 +161,7 @@ impl NodeService {
     /// rebalance that moves replicas accordingly, if any need to move.
     async fn change_then_rebalance(
         &self,
-        change: impl FnOnce(&mut Layout) -> Result<(), ShardError>,
+        change: impl Fn(&mut Layout) -> Result<(), ShardError>,
     ) -> Rpc<pb::RebalanceStatus> {
         self.refuse_if_rebalancing().await?;
         let chunks = &self.objects.chunks;
@@ -188,7 +188,7 @@ impl Node for NodeService {
             .objects
             .chunks
             .host
-            .raft(shard)
+            .raft_for_peer(shard)
             .ok_or_else(|| Status::not_found(format!("no replica of shard {shard} here")))?;
         let de = |e: rmp_serde::decode::Error| Status::invalid_argument(e.to_string());
         let payload = match msg.kind.as_str() {
@@ -793,7 +793,7 @@ impl Node for NodeService {
             state: MemberState::Active,
         };
         let host = &self.objects.chunks.host;
-        let layout = members::change(host, |l| members::add(l, r.node_id, member))
+        let layout = members::change(host, |l| members::add(l, r.node_id, member.clone()))
             .await
             .map_err(status_of)?;
         ok(members_of(&layout))

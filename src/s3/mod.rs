@@ -162,6 +162,11 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
         ShardError::NotLeader { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }
+        // Layout changes come from the admin, never from an S3 request.
+        e @ ShardError::LayoutChanged { .. } => {
+            tracing::error!("unexpected: {e}");
+            s3_error!(InternalError, "We encountered an internal error. Please try again.")
+        }
         ShardError::Internal(m) => {
             tracing::error!("internal error: {m}");
             s3_error!(InternalError, "We encountered an internal error. Please try again.")

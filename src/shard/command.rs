@@ -230,7 +230,7 @@ pub enum Command {
         rebalance: Rebalance,
         expected_done: usize,
     },
-    /// Meta shard: ask the running rebalance to stop after its current move.
+    /// Meta shard: ask the running rebalance to stop once its moves under way are done.
     CancelRebalance,
 }
 
@@ -246,7 +246,7 @@ pub struct Rebalance {
     pub bytes_copied: u64,
     /// Average copy rate to keep under, bytes per second; 0 for no limit.
     pub rate: u64,
-    /// Stop after the current move.
+    /// Stop once the moves under way are done.
     pub cancel: bool,
     pub state: RebalanceState,
     pub updated_ms: i64,
@@ -435,6 +435,8 @@ pub enum ShardError {
     InvalidArgument(String),
     #[error("{0}")]
     QuotaExceeded(String),
+    #[error("the layout changed meanwhile (now at epoch {now}); try again")]
+    LayoutChanged { now: u64 },
     #[error("not the leader of this shard")]
     NotLeader { leader: Option<u64> },
     #[error("shard unavailable: {0}")]

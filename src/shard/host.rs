@@ -58,6 +58,9 @@ pub struct ShardHost {
     pool: Arc<Pool>,
     /// Last leader seen per shard, to send the next call straight there.
     hints: Mutex<HashMap<ShardId, NodeId>>,
+    /// Raised when a peer talks about a shard this node has no replica of:
+    /// the layout probably gave it one, so it should look now.
+    layout_stale: tokio::sync::Notify,
     pub flusher: Flusher,
 }
 
@@ -118,6 +121,7 @@ impl ShardHost {
             },
             pool,
             hints: Mutex::new(HashMap::new()),
+            layout_stale: tokio::sync::Notify::new(),
             flusher,
         };
         for shard in layout.shards_of(id) {
@@ -243,6 +247,21 @@ impl ShardHost {
 
     pub fn raft(&self, shard: ShardId) -> Option<Raft> {
         self.replica(shard).map(|r| r.raft.clone())
+    }
+
+    /// The Raft of `shard` to deliver a peer's message to. Without a local
+    /// replica, the layout follower is told to look for a newer layout.
+    pub fn raft_for_peer(&self, shard: ShardId) -> Option<Raft> {
+        let raft = self.raft(shard);
+        if raft.is_none() {
+            self.layout_stale.notify_one();
+        }
+        raft
+    }
+
+    /// Waits until a peer has talked about a shard this node lacks.
+    pub async fn layout_maybe_stale(&self) {
+        self.layout_stale.notified().await
     }
 
     /// This node's replicas, in shard order.

@@ -476,9 +476,7 @@ impl State {
                 let k = [tag::LAYOUT];
                 let stored = self.get::<Layout>(&k)?.map_or(0, |l| l.epoch);
                 if stored != *expected_epoch || layout.epoch != expected_epoch + 1 {
-                    return Err(ShardError::InvalidArgument(format!(
-                        "the layout changed meanwhile (now at epoch {stored}); try again"
-                    )));
+                    return Err(ShardError::LayoutChanged { now: stored });
                 }
                 batch.insert(&k, encode(layout));
             }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod processes;
+
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::Client;
 use lumbung::admin::S3Env;
