@@ -18,7 +18,6 @@ use common::processes::Processes;
 use common::{bytes, s3};
 use lumbung::admin::{init_cluster, S3Env};
 use lumbung::config::{self, AdminConfig};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,24 +79,12 @@ async fn status(admin: &AdminConfig) -> lumbung::admin::status::ClusterView {
     lumbung::admin::status::collect(admin).await.unwrap()
 }
 
-fn set_snapshot_every(dir: &Path, entries: u64) {
-    for id in 1..=3 {
-        let p = dir.join(format!("node{id}.toml"));
-        let text = std::fs::read_to_string(&p).unwrap();
-        let text = text.replace(
-            "snapshot_every = 20000",
-            &format!("snapshot_every = {entries}"),
-        );
-        std::fs::write(&p, text).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cluster");
     let env: S3Env = init_cluster(&common::init_options(&dir, common::free_ports(4), 8)).unwrap();
-    set_snapshot_every(&dir, 40);
+    common::processes::set_snapshot_every(&dir, 40);
     let admin: AdminConfig = config::load(&dir.join("admin.toml")).unwrap();
     let layout = config::load::<lumbung::config::NodeConfig>(&dir.join("node1.toml"))
         .unwrap()

@@ -1,6 +1,7 @@
 //! Cluster operations survive processes dying the hard way. Real
 //! `lumbung` processes, a client writing throughout:
-//!   1. a 4th node joins and a rebalance starts; mid-plan the node
+//!   1. a 4th node joins and a rebalance starts (its new replicas catch
+//!      up by snapshot, the logs being purged); mid-plan the node
 //!      coordinating it (the meta shard's leader) is SIGKILLed. The next
 //!      leader resumes the plan and finishes it, and no shard ever has
 //!      fewer than RF or more than RF + 1 voters;
@@ -137,6 +138,8 @@ async fn rebalance_and_node_loss_survive_sigkill() {
     let dir = tmp.path().join("cluster");
     let env: S3Env =
         init_cluster(&common::init_options(&dir, common::free_ports(4), SHARDS)).unwrap();
+    // New replicas catch up by snapshot: the logs are purged long before.
+    common::processes::set_snapshot_every(&dir, 40);
     let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
     let mut procs = Processes::new(&dir);
     for slot in [1, 2, 3, 0] {
@@ -207,6 +210,11 @@ async fn rebalance_and_node_loss_survive_sigkill() {
     assert_eq!(end.done as usize, run.moves.len());
     assert!(least >= RF, "a shard fell to {least} voters");
     assert!(most <= RF + 1, "a shard had {most} voters (RF + 1 at most)");
+    let node4_log = std::fs::read_to_string(dir.join("node4.log")).unwrap();
+    assert!(
+        node4_log.contains("installed snapshot from the leader"),
+        "no new replica caught up by snapshot; the test did not purge enough log"
+    );
     procs.spawn(coordinator);
     wait_up(&admin, &procs, coordinator).await;
 

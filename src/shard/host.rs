@@ -94,7 +94,9 @@ impl ShardHost {
                 election_timeout_max: tuning.election_max_ms,
                 snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
                 max_in_snapshot_log_to_keep: tuning.snapshot_every / 10,
-                install_snapshot_timeout: 10_000,
+                // Each snapshot piece, and the last one's load into the
+                // follower's tree, which for a large shard takes a while.
+                install_snapshot_timeout: 60_000,
                 ..Default::default()
             }
             .validate()?,
@@ -148,6 +150,7 @@ impl ShardHost {
             o.chunk_refs.clone(),
             o.snapshots.clone(),
         );
+        sm.finish_interrupted_install().await?;
         let raft = Raft::new(self.id, o.config.clone(), network, log_store, sm).await?;
         let replica = Replica {
             raft,

@@ -126,8 +126,11 @@ fn read_header<R: Read>(r: &mut R) -> std::io::Result<Meta> {
 }
 
 /// Reads a whole snapshot file, handing each pair to `each`, and checks
-/// the trailer. The caller must not commit what it collected on error.
-pub fn read(file: File, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> std::io::Result<Meta> {
+/// the trailer. What `each` saw is only known good if this returns Ok.
+pub fn read(
+    file: File,
+    mut each: impl FnMut(Vec<u8>, Vec<u8>) -> std::io::Result<()>,
+) -> std::io::Result<Meta> {
     let mut r = Verifying {
         inner: BufReader::with_capacity(1 << 20, file),
         hash: blake3::Hasher::new(),
@@ -141,7 +144,7 @@ pub fn read(file: File, mut each: impl FnMut(Vec<u8>, Vec<u8>)) -> std::io::Resu
         let k = read_block(&mut r, len)?;
         let len = read_len(&mut r)?;
         let v = read_block(&mut r, len)?;
-        each(k, v);
+        each(k, v)?;
     }
     let digest = r.hash.finalize();
     let mut trailer = [0u8; 32];

@@ -15,13 +15,13 @@ use super::command::{decode, encode, Command, Reply, Value};
 use super::snapshot;
 use super::state::{chunk_of_key, State};
 use super::TypeConfig;
-use crate::types::{NodeId, ShardId};
+use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where a state machine reports the chunks its replica should hold.
 pub type ChunkRefs = std::sync::Arc<crate::chunk::Missing>;
@@ -91,6 +91,29 @@ impl StateMachine {
         snapshot::current_path(&self.snapshots, self.shard)
     }
 
+    /// Present while a snapshot is being loaded into the tree.
+    fn install_marker(&self) -> PathBuf {
+        self.snapshots
+            .join(format!("shard-{}.installing", self.shard))
+    }
+
+    /// Finishes a snapshot install that a crash interrupted, before
+    /// anything reads the tree: it holds part of the old state and part of
+    /// the new, so the (verified) snapshot file is loaded again.
+    pub async fn finish_interrupted_install(&self) -> anyhow::Result<()> {
+        let marker = self.install_marker();
+        if !marker.exists() {
+            return Ok(());
+        }
+        let (tree, current) = (self.state.tree.clone(), self.current_path());
+        let chunks = tokio::task::spawn_blocking(move || load(&tree, &current, &marker)).await??;
+        tracing::info!(shard = %self.shard, chunks = chunks.len(), "finished an interrupted snapshot install");
+        for id in chunks {
+            self.chunk_refs.name(id);
+        }
+        Ok(())
+    }
+
     fn checkpoint_path(&self) -> PathBuf {
         self.snapshots
             .join(format!("shard-{}.checkpoint", self.shard))
@@ -141,6 +164,41 @@ impl StateMachine {
         .map_err(sm_err)?;
         Ok(meta)
     }
+}
+
+/// Bytes of pairs written to the tree in one batch while loading a
+/// snapshot: a shard's state can be far larger than memory allows at once.
+const LOAD_BATCH_BYTES: usize = 8 << 20;
+
+/// Replaces the whole of `tree` with the snapshot file at `path`, batch by
+/// batch, and returns the chunks it records. Not atomic, so `marker` says a
+/// load is under way until it has finished and reached the disk; a replica
+/// that finds the marker at start-up loads the same file again.
+fn load(tree: &sled::Tree, path: &Path, marker: &Path) -> std::io::Result<Vec<ChunkId>> {
+    let io = |e: sled::Error| std::io::Error::other(e.to_string());
+    snapshot::write_small(marker, b"")?;
+    tree.clear().map_err(io)?;
+    let mut chunks = Vec::new();
+    let mut batch = sled::Batch::default();
+    let mut batched = 0;
+    let meta = snapshot::read(std::fs::File::open(path)?, |k, v| {
+        if let Some(id) = chunk_of_key(&k) {
+            chunks.push(id);
+        }
+        batched += k.len() + v.len();
+        batch.insert(k, v);
+        if batched >= LOAD_BATCH_BYTES {
+            tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
+            batched = 0;
+        }
+        Ok(())
+    })?;
+    batch.insert(APPLIED, encode(&meta.last_log_id));
+    batch.insert(MEMBERSHIP, encode(&meta.last_membership));
+    tree.apply_batch(batch).map_err(io)?;
+    tree.flush().map_err(io)?;
+    std::fs::remove_file(marker)?;
+    Ok(chunks)
 }
 
 /// Hands openraft the checkpoint taken when it asked for a builder.
@@ -239,41 +297,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        use std::io::Seek;
         let mut file = *snapshot;
         tokio::io::AsyncWriteExt::flush(&mut file)
             .await
             .map_err(sm_err)?;
-        let mut file = file.into_std().await;
-        file.rewind().map_err(sm_err)?;
+        file.sync_all().await.map_err(sm_err)?;
+        drop(file);
+        let received = self
+            .receiving
+            .take()
+            .ok_or_else(|| sm_err("no snapshot was being received"))?;
+        let (current, marker) = (self.current_path(), self.install_marker());
         let tree = self.state.tree.clone();
-        // Old state out, new state in, one atomic batch; nothing is applied
-        // unless the whole file verified.
-        let (mut batch, chunks) = tokio::task::spawn_blocking(move || {
-            let mut batch = sled::Batch::default();
-            for kv in tree.iter() {
-                batch.remove(kv.map_err(sm_err)?.0);
-            }
-            let mut chunks = Vec::new();
-            snapshot::read(file, |k, v| {
-                if let Some(id) = chunk_of_key(&k) {
-                    chunks.push(id);
-                }
-                batch.insert(k, v);
-            })
-            .map_err(sm_err)?;
-            Ok::<_, StorageError<NodeId>>((batch, chunks))
+        let chunks = tokio::task::spawn_blocking(move || {
+            // Nothing reaches the tree unless the whole file verified.
+            snapshot::read(std::fs::File::open(&received)?, |_, _| Ok(()))?;
+            std::fs::rename(&received, &current)?;
+            std::fs::File::open(current.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+            load(&tree, &current, &marker)
         })
         .await
-        .map_err(sm_err)??;
-        batch.insert(APPLIED, encode(&meta.last_log_id));
-        batch.insert(MEMBERSHIP, encode(&meta.last_membership));
-        self.state.tree.apply_batch(batch).map_err(sm_err)?;
-        self.flusher.sync().await.map_err(sm_err)?;
-        // The received file is now this replica's snapshot too.
-        if let Some(path) = self.receiving.take() {
-            std::fs::rename(&path, self.current_path()).map_err(sm_err)?;
-        }
+        .map_err(sm_err)?
+        .map_err(sm_err)?;
         self.checkpoint().await?;
         tracing::info!(
             shard = %self.shard,
@@ -315,5 +360,53 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(file),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loading_a_snapshot_replaces_the_tree_in_batches_and_clears_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("sm/1").unwrap();
+        tree.insert(b"old key", b"gone after the load".as_slice())
+            .unwrap();
+
+        // A source tree larger than one load batch, with one chunk record.
+        let source = db.open_tree("source").unwrap();
+        let chunk = ChunkId([7; 32]);
+        source
+            .insert(super::super::state::chunk_key(&chunk), b"10".as_slice())
+            .unwrap();
+        let value = vec![0xAB; 64 * 1024];
+        for i in 0..300u32 {
+            source
+                .insert(format!("k{i:05}").as_bytes(), value.as_slice())
+                .unwrap();
+        }
+        let meta = snapshot::Meta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "1-3-42".into(),
+        };
+        let path = dir.path().join("shard-1.snap");
+        let pairs = source
+            .iter()
+            .map(|kv| kv.map_err(|e| std::io::Error::other(e.to_string())));
+        snapshot::write(&path, &meta, pairs).unwrap();
+
+        let marker = dir.path().join("shard-1.installing");
+        let chunks = load(&tree, &path, &marker).unwrap();
+        assert_eq!(chunks, [chunk]);
+        assert!(!marker.exists(), "the marker outlived the load");
+        assert!(tree.get(b"old key").unwrap().is_none());
+        assert_eq!(tree.get(b"k00299").unwrap().unwrap(), value.as_slice());
+        let applied: Option<LogId<NodeId>> = decode(&tree.get(APPLIED).unwrap().unwrap()).unwrap();
+        assert_eq!(applied, meta.last_log_id);
+        // Every source pair plus the two bookkeeping keys.
+        assert_eq!(tree.len(), source.len() + 2);
     }
 }

@@ -96,3 +96,18 @@ impl Drop for Processes {
         }
     }
 }
+
+/// Makes nodes 1 to 3 of the cluster in `dir` snapshot (and purge their
+/// logs) every `entries` log entries, so a replica that falls behind or
+/// joins catches up by snapshot.
+pub fn set_snapshot_every(dir: &Path, entries: u64) {
+    for id in 1..=3 {
+        let p = dir.join(format!("node{id}.toml"));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replace(
+            "snapshot_every = 20000",
+            &format!("snapshot_every = {entries}"),
+        );
+        std::fs::write(&p, text).unwrap();
+    }
+}
