@@ -107,9 +107,8 @@ pub async fn follow(chunks: Chunks) {
                 None => continue,
             },
         };
-        if layout.epoch <= chunks.host.layout().epoch {
-            continue;
-        }
+        // Also when the epoch is not newer: an earlier adoption may have
+        // failed to open or close a replica, and this tries again.
         match chunks.host.adopt(layout).await {
             Ok(dropped) => {
                 for id in &dropped {

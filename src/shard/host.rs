@@ -193,28 +193,32 @@ impl ShardHost {
         self.layout.read().unwrap().clone()
     }
 
-    /// Adopts `next` if it is newer than the current layout: keeps it on
-    /// disk, opens replicas of shards it newly assigns here and closes
-    /// (and wipes) the ones it takes away. Returns the chunks those
-    /// recorded, for the caller to delete.
+    /// Takes `next` as this node's layout if it is newer, then makes the
+    /// local replicas match it. Returns the chunk ids of replicas closed.
     pub async fn adopt(&self, next: Layout) -> anyhow::Result<Vec<ChunkId>> {
-        let current = self.layout();
-        if next.epoch <= current.epoch {
-            return Ok(Vec::new());
+        if next.epoch > self.layout().epoch {
+            let tree = self.opener.db.open_tree("node")?;
+            tree.insert(LAYOUT_KEY, encode(&next))?;
+            tree.flush_async().await?;
+            *self.layout.write().unwrap() = Arc::new(next);
+            tracing::info!(epoch = self.layout().epoch, "adopted a new layout");
         }
-        let tree = self.opener.db.open_tree("node")?;
-        tree.insert(LAYOUT_KEY, encode(&next))?;
-        tree.flush_async().await?;
-        let (was, now) = (current.shards_of(self.id), next.shards_of(self.id));
-        *self.layout.write().unwrap() = Arc::new(next);
-        tracing::info!(epoch = self.layout().epoch, "adopted a new layout");
-        for &shard in now.iter().filter(|s| !was.contains(s)) {
+        self.reconcile().await
+    }
+
+    /// Opens the replicas the layout assigns here that are not open, and
+    /// closes and wipes the ones it no longer assigns. Compares against the
+    /// replicas actually open, so a step that failed is tried again on the
+    /// next call. Returns the chunk ids of replicas closed.
+    async fn reconcile(&self) -> anyhow::Result<Vec<ChunkId>> {
+        let (want, have) = (self.layout().shards_of(self.id), self.local_shards());
+        for &shard in want.iter().filter(|s| !have.contains(s)) {
             self.wipe(shard).await?;
             self.open(shard).await?;
             tracing::info!(%shard, "opened a replica the layout assigns here");
         }
         let mut dropped = Vec::new();
-        for shard in was.into_iter().filter(|s| !now.contains(s)) {
+        for shard in have.into_iter().filter(|s| !want.contains(s)) {
             let replica = self.replicas.write().unwrap().remove(&shard);
             if let Some(r) = replica {
                 let _ = r.raft.shutdown().await;

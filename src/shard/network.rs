@@ -8,7 +8,7 @@ use crate::types::{NodeId, ShardId};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -17,6 +17,7 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Creates connections to peers for one shard.
 pub struct Network {
@@ -78,7 +79,9 @@ impl Peer {
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?
             .map_err(|s| {
-                if s.code() == tonic::Code::Unavailable {
+                // NotFound: the peer has no replica of the shard yet (the
+                // layout just gave it one); retried after a backoff too.
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::NotFound) {
                     RPCError::Unreachable(Unreachable::new(&s))
                 } else {
                     RPCError::Network(NetworkError::new(&s))
@@ -114,5 +117,15 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call("vote", &rpc, &option).await
+    }
+
+    /// Waits before retrying an unreachable peer: briefly at first (a
+    /// replica the layout just assigned opens within a few hundred
+    /// milliseconds), then longer, so a dead node costs little.
+    fn backoff(&self) -> Backoff {
+        let first = Duration::from_millis(50);
+        Backoff::new(std::iter::successors(Some(first), |d| {
+            Some((*d * 2).min(Duration::from_secs(1)))
+        }))
     }
 }
