@@ -1,5 +1,6 @@
 //! Rebalancing: planning moves of shard replicas between nodes, and
-//! carrying them out one by one from whichever node leads the meta shard.
+//! carrying them out, a few at a time, from whichever node leads the meta
+//! shard.
 //!
 //! The plan and how far it got live in the meta shard, so when the
 //! coordinating node dies the next meta leader resumes it. Each move is
