@@ -213,18 +213,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     );
     assert!(acked.len() > 150);
     for (key, seed, len) in acked {
-        let got = c
-            .get_object()
-            .bucket("demo")
-            .key(&key)
-            .send()
-            .await
-            .unwrap();
-        let data = got.body.collect().await.unwrap().into_bytes();
-        assert!(
-            data.as_ref() == bytes(seed, len).as_slice(),
-            "{key} differs"
-        );
+        common::assert_reads_back(&c, "demo", &key, seed, len).await;
     }
 }
 

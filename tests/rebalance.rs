@@ -267,15 +267,7 @@ async fn read_all(client: &aws_sdk_s3::Client, acked: &BTreeMap<String, u64>) {
         } else {
             200_000
         };
-        let got = client
-            .get_object()
-            .bucket("demo")
-            .key(key)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{key}: {}", common::code(&e)));
-        let body = got.body.collect().await.unwrap().into_bytes();
-        assert!(body == common::bytes(*seed, len), "{key} differs");
+        common::assert_reads_back(client, "demo", key, *seed, len).await;
     }
 }
 

@@ -260,14 +260,6 @@ async fn rebalance_and_node_loss_survive_sigkill() {
         acked.len()
     );
     for (key, (seed, len)) in &acked {
-        let got = client
-            .get_object()
-            .bucket("demo")
-            .key(key)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{key}: {}", common::code(&e)));
-        let body = got.body.collect().await.unwrap().into_bytes();
-        assert!(body == common::bytes(*seed, *len), "{key} differs");
+        common::assert_reads_back(&client, "demo", key, *seed, *len).await;
     }
 }

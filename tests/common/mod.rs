@@ -143,6 +143,20 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Reads `key` from `bucket` and fails the test unless it is exactly the
+/// bytes `bytes(seed, len)` wrote.
+pub async fn assert_reads_back(client: &Client, bucket: &str, key: &str, seed: u64, len: usize) {
+    let got = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{key}: {}", code(&e)));
+    let body = got.body.collect().await.unwrap().into_bytes();
+    assert!(body == bytes(seed, len), "{key} differs");
+}
+
 /// The S3 error code of a failed SDK call, e.g. "NoSuchKey".
 pub fn code<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
 where
