@@ -5,7 +5,8 @@
 # writes and reads 4 KiB objects, and `admin rebalance` moves replicas onto
 # the new node. Prints the rebalance's time and copy rate and the client's
 # p99 during the move, next to the same client's p99 with nothing moving.
-# Between the runs the first new node is drained and removed.
+# Between the runs the first new node is drained and removed. After each
+# run, every node's peak memory so far (VmHWM) is printed.
 #
 #   benches/rebalance.sh                 # DATA_GIB=2 RATE_MBS=20
 set -euo pipefail
@@ -68,6 +69,16 @@ for s in status["shares"]:
     print(f"  node {s['node_id']}: {s['replicas']} replicas (target {s['target_replicas']:.1f}), "
           f"{s['chunk_bytes'] / 2**20:.0f} MiB (target {s['target_bytes'] / 2**20:.0f})")
 PY
+  peaks
+}
+
+# Each node process's peak resident memory so far.
+peaks() {
+  local p conf
+  for p in "${pids[@]}"; do
+    conf=$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -o 'node[0-9]*\.toml') || continue
+    echo "  ${conf%.toml} peak memory: $(awk '/VmHWM/ { printf "%.0f MiB", $2 / 1024 }' "/proc/$p/status")"
+  done
 }
 
 grow 4
