@@ -238,28 +238,6 @@ async fn member_state(admin: &AdminConfig, node: u64) -> String {
         .unwrap_or_default()
 }
 
-/// Every shard has `rf` voters, none of them in `gone`, and a leader.
-async fn assert_at_rf(admin: &AdminConfig, rf: usize, gone: &[u64]) {
-    let view = lumbung::admin::status::collect(admin).await.unwrap();
-    for s in &view.shards {
-        assert_eq!(
-            s.voters.len(),
-            rf,
-            "shard {} voters {:?}",
-            s.shard,
-            s.voters
-        );
-        assert!(
-            s.voters.iter().all(|v| !gone.contains(v)),
-            "shard {} still on {:?}: {:?}",
-            s.shard,
-            gone,
-            s.voters
-        );
-        assert!(s.leader.is_some(), "shard {} has no leader", s.shard);
-    }
-}
-
 async fn read_all(client: &aws_sdk_s3::Client, acked: &BTreeMap<String, u64>) {
     for (key, seed) in acked {
         let len = if key.starts_with("before/") {
@@ -292,7 +270,7 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
     let end = wait_done(&admin, drain.id, Duration::from_secs(240)).await;
     assert_eq!(end.state, "done");
     assert_eq!(member_state(&admin, 4).await, "drained");
-    assert_at_rf(&admin, 3, &[4]).await;
+    common::assert_at_rf(&admin, 3, &[4]).await;
     nodes::remove(&admin, 4, false).await.unwrap();
     assert_eq!(member_state(&admin, 4).await, "removed");
     cluster.stop_node(4).await;
@@ -325,7 +303,7 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
         (end.done as usize) < run.moves.len(),
         "cancelled too late to show"
     );
-    assert_at_rf(&admin, 3, &[4]).await;
+    common::assert_at_rf(&admin, 3, &[4]).await;
     let again = nodes::rebalance(&admin, cancel).await.unwrap_err();
     assert!(
         format!("{again:#}").contains("no rebalance is running"),
@@ -342,7 +320,7 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
         end.done,
         lost.elapsed()
     );
-    assert_at_rf(&admin, 3, &[3, 4]).await;
+    common::assert_at_rf(&admin, 3, &[3, 4]).await;
 
     stop.store(true, Ordering::Relaxed);
     let failures = writer.await.unwrap();
@@ -463,7 +441,7 @@ async fn a_rebalance_survives_the_death_of_its_coordinator() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_at_rf(&admin, 3, &[]).await;
+    common::assert_at_rf(&admin, 3, &[]).await;
     within(120, "reading everything back", read_all(&client, &acked)).await;
     cluster.stop().await;
 }

@@ -43,19 +43,21 @@ impl Missing {
 
     /// Notes that this node should hold `id`, unless it does already (the
     /// usual case: a chunk is written before it is recorded). Naming a
-    /// queued chunk again changes nothing.
-    pub fn name(&self, id: ChunkId) {
+    /// queued chunk again changes nothing. Returns true if `id` is queued
+    /// now and was not before.
+    pub fn name(&self, id: ChunkId) -> bool {
         if self.store.contains(&id) {
-            return;
+            return false;
         }
         let mut q = self.queue.lock().unwrap();
         if q.attempts.contains_key(&id) {
-            return;
+            return false;
         }
         q.attempts.insert(id, 0);
         q.due.insert((Instant::now() + GRACE, id));
         drop(q);
         self.wake.notify_one();
+        true
     }
 
     /// How many chunks are named and not yet known to be here.

@@ -187,14 +187,11 @@ impl Chunks {
     /// fetches it: a node killed between applying a record and fetching
     /// its chunk would otherwise never learn of it again.
     fn audit(&self) -> usize {
-        let mut named = 0;
-        for id in self.host.recorded_chunks() {
-            if !self.store.contains(&id) {
-                self.missing.name(id);
-                named += 1;
-            }
-        }
-        named
+        let recorded = self.host.recorded_chunks();
+        recorded
+            .into_iter()
+            .filter(|id| self.missing.name(*id))
+            .count()
     }
 
     /// Fetches chunks this node should hold but does not, after auditing

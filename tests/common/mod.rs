@@ -157,6 +157,28 @@ pub async fn assert_reads_back(client: &Client, bucket: &str, key: &str, seed: u
     assert!(body == bytes(seed, len), "{key} differs");
 }
 
+/// Every shard has `rf` voters, none of them in `gone`, and a leader.
+pub async fn assert_at_rf(admin: &lumbung::config::AdminConfig, rf: usize, gone: &[u64]) {
+    let view = lumbung::admin::status::collect(admin).await.unwrap();
+    for s in &view.shards {
+        assert_eq!(
+            s.voters.len(),
+            rf,
+            "shard {} voters {:?}",
+            s.shard,
+            s.voters
+        );
+        assert!(
+            s.voters.iter().all(|v| !gone.contains(v)),
+            "shard {} still on {:?}: {:?}",
+            s.shard,
+            gone,
+            s.voters
+        );
+        assert!(s.leader.is_some(), "shard {} has no leader", s.shard);
+    }
+}
+
 /// The S3 error code of a failed SDK call, e.g. "NoSuchKey".
 pub fn code<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
 where
