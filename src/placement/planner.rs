@@ -99,9 +99,10 @@ pub struct Share {
     pub target_bytes: f64,
 }
 
-/// The moves that rebalance `shards` over `nodes`, drain moves first, cut to
-/// `max_moves` if given. Shards with fewer voters than `replication` are left
-/// short: restoring a lost replica is repair's job.
+/// The moves that rebalance `shards` over `nodes`, drain moves first, no
+/// replica moved twice, cut to `max_moves` if given. Shards with fewer voters
+/// than `replication` are left short: restoring a lost replica is repair's
+/// job.
 pub fn plan(
     nodes: &[NodeInfo],
     shards: &[ShardInfo],
@@ -113,7 +114,7 @@ pub fn plan(
     planner.spread_zones();
     planner.balance_replicas();
     planner.balance_bytes();
-    let mut moves = planner.moves;
+    let mut moves = planner.net_moves();
     moves.truncate(max_moves.unwrap_or(usize::MAX));
     Ok(moves)
 }
@@ -200,6 +201,8 @@ struct Planner<'a> {
     accepting: Vec<NodeId>,
     /// Sum of accepting capacities; loads are scaled by it to stay integers.
     capacity: i128,
+    /// Shards in id order as they are now.
+    before: Vec<ShardInfo>,
     /// Shards in id order, voters updated as moves are planned.
     shards: Vec<ShardInfo>,
     /// Each node's load under the placement so far.
@@ -250,6 +253,7 @@ impl<'a> Planner<'a> {
                 .sum(),
             nodes: by_id,
             accepting,
+            before: sorted.clone(),
             shards: sorted,
             load,
             total,
@@ -508,6 +512,42 @@ impl<'a> Planner<'a> {
 
     fn zones(&self, nodes: impl Iterator<Item = NodeId>) -> BTreeSet<&'a str> {
         nodes.map(|n| self.zone(n)).collect()
+    }
+
+    /// The plan cut down to what it changes. A later phase may move a
+    /// replica an earlier one placed: moved back (a→b, b→a) that is no move,
+    /// moved on (a→b, b→c) it is one (a→c), so nothing is copied only to be
+    /// thrown away. Each move keeps the place where its voter first left, so
+    /// drain moves stay first.
+    fn net_moves(&self) -> Vec<Move> {
+        let mut now: Vec<Vec<NodeId>> = self.before.iter().map(|s| s.voters.clone()).collect();
+        let mut net = Vec::new();
+        for m in &self.moves {
+            let i = self
+                .shards
+                .binary_search_by_key(&m.shard, |s| s.shard)
+                .expect("a planned move names a known shard");
+            let (voters, end) = (&mut now[i], &self.shards[i].voters);
+            if !voters.contains(&m.from) || end.contains(&m.from) {
+                continue;
+            }
+            // Of the voters still to join, the one keeping the most zones.
+            let zones_with = |to: NodeId| {
+                let replaced = voters.iter().map(|&v| if v == m.from { to } else { v });
+                self.zones(replaced).len()
+            };
+            let to = end
+                .iter()
+                .copied()
+                .filter(|n| !voters.contains(n))
+                .min_by_key(|&n| (std::cmp::Reverse(zones_with(n)), n))
+                .expect("as many voters join a shard as leave it");
+            for v in voters.iter_mut().filter(|v| **v == m.from) {
+                *v = to;
+            }
+            net.push(Move { to, ..m.clone() });
+        }
+        net
     }
 
     fn apply_step(&mut self, step: Step) {
@@ -825,6 +865,23 @@ mod tests {
         assert!(after.iter().all(|s| s.voters.len() == 3));
     }
 
+    /// Sizes from a CI run whose plan moved shard 17 onto node 4 and then,
+    /// evening bytes, straight back.
+    #[test]
+    fn a_new_node_with_uneven_shards_only_receives() {
+        let mib = [
+            5, 8, 4, 0, 1, 8, 4, 0, 2, 2, 8, 1, 12, 12, 0, 0, 2, 5, 9, 0, 4, 1, 2, 2,
+        ];
+        let shards = consecutive(&[1, 2, 3], 24, 3, |s| mib[s as usize] << 20);
+        let nodes = equal_nodes(1..=4);
+        let (moves, after) = plan_and_replay(&nodes, &shards, 3);
+        assert!(
+            moves.iter().all(|m| m.to == 4),
+            "a move between old nodes: {moves:?}"
+        );
+        assert_replicas_balanced(&nodes, &after);
+    }
+
     #[test]
     fn replicas_follow_unequal_capacities() {
         let nodes = vec![
@@ -1035,6 +1092,19 @@ mod tests {
                 "case {case}: drains first"
             );
             let mut after = replay(&nodes, &shards, &moves);
+            // Each move takes a voter of now to a voter of the end: none is
+            // moved twice.
+            let voters = |all: &[ShardInfo], shard: ShardId| {
+                let s = all.iter().find(|s| s.shard == shard).expect("known shard");
+                s.voters.clone()
+            };
+            for m in &moves {
+                let (now, end) = (voters(&shards, m.shard), voters(&after, m.shard));
+                assert!(
+                    now.contains(&m.from) && !end.contains(&m.from) && end.contains(&m.to),
+                    "case {case}: {m:?} moves a replica the plan moves again"
+                );
+            }
             assert!(
                 after.iter().all(|s| s.voters.iter().all(|&v| accepting(v))),
                 "case {case}"
