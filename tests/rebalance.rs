@@ -9,6 +9,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use lumbung::admin::nodes;
 use lumbung::config::AdminConfig;
 use lumbung::rpc::pb;
+use lumbung::shard::command::MembershipOp;
+use lumbung::types::ShardId;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +22,15 @@ const SHARDS: u32 = 24;
 
 type Acked = Arc<Mutex<BTreeMap<String, u64>>>;
 
-/// Writes and reads back objects until told to stop; records each
-/// acknowledged write and counts failures that a retry did not fix.
-async fn load(client: aws_sdk_s3::Client, acked: Acked, stop: Arc<AtomicBool>) -> u32 {
+/// Writes and reads back objects, `pause` apart, until told to stop;
+/// records each acknowledged write and counts failures that a retry did not
+/// fix.
+async fn load(
+    client: aws_sdk_s3::Client,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> u32 {
     let mut failures = 0;
     let mut i = 1000u64;
     while !stop.load(Ordering::Relaxed) {
@@ -48,7 +56,7 @@ async fn load(client: aws_sdk_s3::Client, acked: Acked, stop: Arc<AtomicBool>) -
             }
         }
         i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
     }
     failures
 }
@@ -154,7 +162,12 @@ async fn a_fourth_node_takes_its_share_under_load() {
 
     let live: Acked = Arc::new(Mutex::new(BTreeMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(load(common::s3(&cluster.env), live.clone(), stop.clone()));
+    let writer = tokio::spawn(load(
+        common::s3(&cluster.env),
+        live.clone(),
+        stop.clone(),
+        Duration::from_millis(50),
+    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let started = Instant::now();
@@ -263,7 +276,12 @@ async fn a_drained_node_and_a_dead_node_leave_every_shard_at_rf() {
     let mut acked = write_before(&client, 6).await;
     let live: Acked = Arc::new(Mutex::new(BTreeMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(load(common::s3(&cluster.env), live.clone(), stop.clone()));
+    let writer = tokio::spawn(load(
+        common::s3(&cluster.env),
+        live.clone(),
+        stop.clone(),
+        Duration::from_millis(50),
+    ));
 
     // Drain node 4 under load, then remove it.
     let drain = nodes::drain(&admin, 4).await.unwrap();
@@ -444,6 +462,54 @@ async fn a_rebalance_survives_the_death_of_its_coordinator() {
     common::assert_at_rf(&admin, 3, &[]).await;
     within(120, "reading everything back", read_all(&client, &acked)).await;
     cluster.stop().await;
+}
+
+/// openraft 0.9 followers refuse to vote while they hear from their
+/// leader, and every write or read confirmation is such a message: a shard
+/// kept busy by a client without pause must still hand its leadership over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_off_a_shard_kept_busy() {
+    common::log_if_asked();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = common::cluster(tmp.path(), 2).await;
+    let host = cluster.nodes[0].as_ref().unwrap().host.clone();
+    let live: Acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = common::s3(&cluster.env);
+    let writer = tokio::spawn(load(
+        client.clone(),
+        live.clone(),
+        stop.clone(),
+        Duration::ZERO,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    for shard in [ShardId(0), ShardId(1)] {
+        for _ in 0..3 {
+            let from = leader_of(&host, shard).await;
+            let voters = host.layout().replicas(shard);
+            let to = voters[(voters.iter().position(|&v| v == from).unwrap() + 1) % voters.len()];
+            let started = Instant::now();
+            host.membership(shard, &MembershipOp::TransferLeader { node: to })
+                .await
+                .unwrap_or_else(|e| panic!("shard {shard}: {from} -> {to}: {e}"));
+            assert_eq!(leader_of(&host, shard).await, to, "shard {shard}");
+            println!("shard {shard}: {from} -> {to} in {:?}", started.elapsed());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(writer.await.unwrap(), 0, "client requests failed");
+    let acked = live.lock().unwrap().clone();
+    assert!(acked.len() > 10, "the client wrote only {}", acked.len());
+    read_all(&client, &acked).await;
+    cluster.stop().await;
+}
+
+/// Who leads `shard` once a call to its leader got through.
+async fn leader_of(host: &lumbung::shard::ShardHost, shard: ShardId) -> u64 {
+    let progress = MembershipOp::Progress { node: host.id };
+    host.membership(shard, &progress).await.unwrap();
+    host.leader_hint(shard).unwrap()
 }
 
 /// Runs `f`, failing the test with `what` if it takes over `secs`.

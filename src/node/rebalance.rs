@@ -370,7 +370,15 @@ where
 /// a shard whose hand-over keeps failing keeps its leader.
 async fn balance_leaders(chunks: &Chunks) {
     let host = &chunks.host;
-    let layout = host.layout();
+    // The stored layout: this node's copy may not show the last moves yet,
+    // and a leader planned onto a replica that moved away never takes over.
+    let layout = match members::current(host).await {
+        Ok(layout) => layout,
+        Err(e) => {
+            tracing::warn!("leaderships not balanced: {e}");
+            return;
+        }
+    };
     let mut nodes = node_infos(&layout);
     for n in nodes.iter_mut().filter(|n| n.accepting) {
         n.accepting = answers(chunks, n.id).await;

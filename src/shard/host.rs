@@ -35,6 +35,11 @@ struct Replica {
     raft: Raft,
     state: State,
     reads: ReadGate,
+    /// Shared by each client write and read confirmation while it runs,
+    /// taken whole by a leadership hand-over: followers refuse to vote
+    /// while they hear from the leader, and every write or confirmation is
+    /// such a message, so a busy shard's hand-over must hold them back.
+    quiet: tokio::sync::RwLock<()>,
 }
 
 /// What opening a replica takes, kept for replicas a new layout assigns.
@@ -156,6 +161,7 @@ impl ShardHost {
             raft,
             state,
             reads: ReadGate::default(),
+            quiet: tokio::sync::RwLock::new(()),
         };
         self.replicas
             .write()
@@ -403,6 +409,7 @@ impl ShardHost {
         let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
+        let _speaking = r.quiet.read().await;
         match tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone())).await {
             Err(_) => Err(ShardError::Unavailable(format!(
                 "shard {shard} did not commit within {WRITE_DEADLINE:?}"
@@ -461,7 +468,7 @@ impl ShardHost {
                     .map_err(|_| failed(format!("membership change took over {WRITE_DEADLINE:?}")))?
                     .map_err(|e| failed(e.to_string()))?;
             }
-            MembershipOp::TransferLeader { node } => self.hand_over(shard, &r.raft, *node).await?,
+            MembershipOp::TransferLeader { node } => self.hand_over(shard, &r, *node).await?,
             MembershipOp::Elect => unreachable!("handled above"),
         }
         Ok(Value::Done)
@@ -469,13 +476,29 @@ impl ShardHost {
 
     /// Makes `node` the leader of `shard`, which this node leads. openraft
     /// 0.9 has no leader transfer and followers refuse elections while a
-    /// leader's lease lasts, so the leader goes quiet until the leases end
-    /// and then asks `node` to stand; its up-to-date log wins the vote.
-    async fn hand_over(&self, shard: ShardId, raft: &Raft, node: NodeId) -> Result<(), ShardError> {
+    /// leader's lease lasts, so the leader goes quiet (no heartbeats, writes
+    /// and reads held back) until the leases end and then asks `node` to
+    /// stand; its up-to-date log wins the vote. Held-back calls then go on
+    /// and find the new leader.
+    async fn hand_over(&self, shard: ShardId, r: &Replica, node: NodeId) -> Result<(), ShardError> {
         let addr = self
             .addr_of(node)
             .ok_or_else(|| ShardError::InvalidArgument(format!("unknown node {node}")))?;
+        let raft = &r.raft;
+        let voter = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node);
+        if !voter {
+            return Err(ShardError::InvalidArgument(format!(
+                "node {node} is not a voter of shard {shard}"
+            )));
+        }
         let lease = Duration::from_millis(self.opener.config.election_timeout_max);
+        let _quiet = r.quiet.write().await;
         raft.runtime_config().heartbeat(false);
         tokio::time::sleep(lease + Duration::from_millis(50)).await;
         let msg = pb::ShardCall {
@@ -511,7 +534,10 @@ impl ShardHost {
         let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
-        r.reads.confirm(&r.raft).await?;
+        {
+            let _speaking = r.quiet.read().await;
+            r.reads.confirm(&r.raft).await?;
+        }
         r.state.query(q)
     }
 
