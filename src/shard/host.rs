@@ -49,6 +49,8 @@ struct Opener {
     log: Arc<SegmentLog>,
     snapshots: std::path::PathBuf,
     chunk_refs: super::state_machine::ChunkRefs,
+    /// Log entries kept behind a snapshot (see `log_keeper`).
+    log_tail: u64,
 }
 
 /// The shards of this node.
@@ -98,7 +100,9 @@ impl ShardHost {
                 election_timeout_min: tuning.election_min_ms,
                 election_timeout_max: tuning.election_max_ms,
                 snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
-                max_in_snapshot_log_to_keep: tuning.snapshot_every / 10,
+                // Never purge on its own: `log_keeper` purges, sparing
+                // what a learner catching up still needs.
+                max_in_snapshot_log_to_keep: u64::MAX,
                 // Each snapshot piece, and the last one's load into the
                 // follower's tree, which for a large shard takes a while.
                 install_snapshot_timeout: 60_000,
@@ -125,6 +129,7 @@ impl ShardHost {
                 log,
                 snapshots,
                 chunk_refs,
+                log_tail: tuning.snapshot_every / 10,
             },
             pool,
             hints: Mutex::new(HashMap::new()),
@@ -157,6 +162,7 @@ impl ShardHost {
         );
         sm.finish_interrupted_install().await?;
         let raft = Raft::new(self.id, o.config.clone(), network, log_store, sm).await?;
+        tokio::spawn(super::log_keeper::run(raft.clone(), o.log_tail));
         let replica = Replica {
             raft,
             state,

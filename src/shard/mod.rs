@@ -20,6 +20,7 @@
 
 pub mod command;
 pub mod host;
+pub mod log_keeper;
 pub mod log_store;
 pub mod network;
 pub mod read_gate;
