@@ -865,8 +865,8 @@ mod tests {
         assert!(after.iter().all(|s| s.voters.len() == 3));
     }
 
-    /// Sizes from a CI run whose plan moved shard 17 onto node 4 and then,
-    /// evening bytes, straight back.
+    /// Sizes for which the plan moved shard 17 onto node 4 and then,
+    /// evening bytes, straight back (CI met the same with other sizes).
     #[test]
     fn a_new_node_with_uneven_shards_only_receives() {
         let mib = [
