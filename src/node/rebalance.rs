@@ -387,7 +387,7 @@ async fn balance_leaders(chunks: &Chunks) {
         let mut shards = Vec::new();
         for s in 0..layout.shards {
             let shard = ShardId(s);
-            let leader = leader_of(host, shard).await;
+            let leader = host.find_leader(shard).await;
             shards.push((shard, layout.replicas(shard), leader));
         }
         let transfers = planner::plan_leaders(&nodes, &shards);
@@ -410,17 +410,6 @@ async fn answers(chunks: &Chunks, node: NodeId) -> bool {
     match chunk_count(chunks, node, ShardId::META).await {
         Ok(_) => true,
         Err(e) => !matches!(e, ShardError::Unavailable(_)),
-    }
-}
-
-/// Who leads `shard`, as its replicas' answers tell.
-async fn leader_of(host: &ShardHost, shard: ShardId) -> Option<NodeId> {
-    match host
-        .membership(shard, &MembershipOp::Progress { node: host.id })
-        .await
-    {
-        Ok(_) => host.leader_hint(shard),
-        Err(_) => None,
     }
 }
 

@@ -373,6 +373,13 @@ impl ShardHost {
         }
     }
 
+    /// Who leads `shard` once a call reached its leader; None if none did.
+    pub async fn find_leader(&self, shard: ShardId) -> Option<NodeId> {
+        let progress = MembershipOp::Progress { node: self.id };
+        self.membership(shard, &progress).await.ok()?;
+        self.leader_hint(shard)
+    }
+
     pub fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
         if let Some(r) = self.replica(shard) {
             if let Some(l) = r.raft.metrics().borrow().current_leader {

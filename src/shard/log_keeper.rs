@@ -29,11 +29,14 @@ pub async fn run(raft: Raft, keep: u64) {
         if metrics.has_changed().is_err() {
             return; // the Raft was shut down
         }
-        let m = metrics.borrow().clone();
-        let Some(upto) = purge_upto(&m, keep) else {
+        let (upto, purged) = {
+            let m = metrics.borrow();
+            (purge_upto(&m, keep), m.purged)
+        };
+        let Some(upto) = upto else {
             continue;
         };
-        if m.purged.is_some_and(|p| p.index >= upto) {
+        if purged.is_some_and(|p| p.index >= upto) {
             continue;
         }
         if raft.trigger().purge_log(upto).await.is_err() {
