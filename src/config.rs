@@ -112,7 +112,7 @@ pub struct NodeConfig {
     pub node_id: NodeId,
     /// Internal address to listen on; never a public one.
     pub listen: SocketAddr,
-    /// sled database and chunk files live here.
+    /// The state store, Raft log, snapshots and chunk files live here.
     pub data_dir: PathBuf,
     /// This node's master keyring (mode 0600; see `crypto::master`). Keep
     /// it off the data disk where you can: a stolen data disk without it
@@ -124,7 +124,7 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     /// Created once, by whichever node leads the meta shard first.
     pub bootstrap: Option<Bootstrap>,
-    /// sled page cache limit in MiB.
+    /// The state store's page cache, in MiB.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
 }

@@ -7,6 +7,7 @@
 //! - [`node`]: a storage node: the internal RPC server and the object
 //!   coordinator that chunks bodies and commits manifests.
 //! - [`shard`]: Raft groups (openraft) with their log and state machine.
+//! - [`store`]: the state store (redb) behind the shards' state machines.
 //! - [`chunk`]: content-addressed chunk files, verified on every read.
 //! - [`crypto`]: tenant keys, the master keyring, sealing data at rest.
 //! - [`placement`]: which shard holds what, and which nodes hold a shard.
@@ -24,5 +25,6 @@ pub mod placement;
 pub mod rpc;
 pub mod s3;
 pub mod shard;
+pub mod store;
 pub mod tls;
 pub mod types;

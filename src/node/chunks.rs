@@ -172,7 +172,14 @@ impl Chunks {
     /// disk; `None` if it has no replica of the shard.
     pub fn count_in(&self, shard: ShardId) -> Option<pb::ShardChunkCount> {
         let mut count = pb::ShardChunkCount::default();
-        for (id, len) in self.host.recorded_chunks_of(shard)? {
+        let recorded = match self.host.recorded_chunks_of(shard)? {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%shard, "counting recorded chunks: {e}");
+                return None;
+            }
+        };
+        for (id, len) in recorded {
             count.recorded += 1;
             count.recorded_bytes += len;
             if !self.store.contains(&id) {
@@ -186,12 +193,12 @@ impl Chunks {
     /// Names every recorded chunk this node lacks, so the repair task
     /// fetches it: a node killed between applying a record and fetching
     /// its chunk would otherwise never learn of it again.
-    fn audit(&self) -> usize {
-        let recorded = self.host.recorded_chunks();
-        recorded
+    fn audit(&self) -> Result<usize, ShardError> {
+        let recorded = self.host.recorded_chunks()?;
+        Ok(recorded
             .into_iter()
             .filter(|id| self.missing.name(*id))
-            .count()
+            .count())
     }
 
     /// Fetches chunks this node should hold but does not, after auditing
@@ -200,8 +207,9 @@ impl Chunks {
     pub async fn repair(self) {
         let audit = self.clone();
         match tokio::task::spawn_blocking(move || audit.audit()).await {
-            Ok(0) => {}
-            Ok(named) => tracing::info!(named, "start-up audit found chunks to repair"),
+            Ok(Ok(0)) => {}
+            Ok(Ok(named)) => tracing::info!(named, "start-up audit found chunks to repair"),
+            Ok(Err(e)) => tracing::error!("start-up chunk audit failed: {e}"),
             Err(e) => tracing::error!("start-up chunk audit failed: {e}"),
         }
         // A few copies at once: each waits mostly on a peer and an fsync.

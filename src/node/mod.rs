@@ -21,6 +21,7 @@ use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
 use crate::shard::command::AccessKey;
 use crate::shard::{Command, ShardError, ShardHost};
+use crate::store::Stores;
 use crate::tls::ReloadableIdentity;
 use crate::types::{now_ms, ShardId};
 use anyhow::Context;
@@ -80,11 +81,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     cfg.cluster.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let db = sled::Config::new()
-        .path(cfg.data_dir.join("db"))
-        .cache_capacity(cfg.cache_mib * 1024 * 1024)
-        .open()
-        .with_context(|| format!("opening the database in {}", cfg.data_dir.display()))?;
+    if cfg.data_dir.join("db").exists() && !cfg.data_dir.join("state").exists() {
+        anyhow::bail!(
+            "{} holds a sled database from an older Lumbung; this version keeps its state in redb and cannot read it. Replace the node: `admin node remove ID --dead`, then add a new one (`admin init-node`, `node add`)",
+            cfg.data_dir.display()
+        );
+    }
+    let stores = Stores::open(&cfg.data_dir.join("state"), (cfg.cache_mib as usize) << 20)
+        .with_context(|| format!("opening the state store in {}", cfg.data_dir.display()))?;
     let master = Arc::new(MasterKeys::load(&cfg.master_key_file)?);
     let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
     let pool = Arc::new(Pool::new(&cfg.tls)?);
@@ -95,7 +99,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             cfg.node_id,
             &cfg.cluster,
             &cfg.raft,
-            &db,
+            &stores,
             &cfg.data_dir,
             pool.clone(),
             missing.clone(),

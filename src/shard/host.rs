@@ -7,16 +7,18 @@
 //! a deadline passes.
 
 use super::command::{decode, encode, Command, MembershipOp, Query, Reply, ShardError, Value};
-use super::log_store::{Flusher, LogStore};
+use super::flusher::Flusher;
+use super::log_store::LogStore;
 use super::network::Network;
 use super::read_gate::ReadGate;
 use super::segment_log::SegmentLog;
-use super::state::State;
-use super::state_machine::StateMachine;
+use super::state::{chunks_with_sizes, State};
+use super::state_machine::{self, StateMachine};
 use super::Raft;
 use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
 use crate::rpc::{error_of, pb, Pool};
+use crate::store::{Batch, Store, Stores};
 use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -30,10 +32,11 @@ const ROUTE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a leader may take to commit one command.
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// One local replica: its Raft handle and a read view of its state.
+/// One local replica: its Raft handle and where its state lives.
 struct Replica {
     raft: Raft,
-    state: State,
+    /// The replica's state-machine space in the node's store.
+    space: String,
     reads: ReadGate,
     /// Shared by each client write and read confirmation while it runs,
     /// taken whole by a leadership hand-over: followers refuse to vote
@@ -45,7 +48,10 @@ struct Replica {
 /// What opening a replica takes, kept for replicas a new layout assigns.
 struct Opener {
     config: Arc<Config>,
-    db: sled::Db,
+    /// The shards' state machines.
+    state: Store,
+    /// Their votes, purge points and committed ids, and the layout.
+    meta: Store,
     log: Arc<SegmentLog>,
     snapshots: std::path::PathBuf,
     chunk_refs: super::state_machine::ChunkRefs,
@@ -71,7 +77,9 @@ pub struct ShardHost {
     pub flusher: Flusher,
 }
 
-/// Where the node keeps the newest layout it has seen, in its `node` tree.
+/// Where the node keeps the newest layout it has seen: key `layout` of
+/// its `node` space.
+const NODE_SPACE: &str = "node";
 const LAYOUT_KEY: &[u8] = b"layout";
 
 /// A call to run on a shard's leader.
@@ -88,7 +96,7 @@ impl ShardHost {
         id: NodeId,
         spec: &ClusterSpec,
         tuning: &RaftTuning,
-        db: &sled::Db,
+        stores: &Stores,
         data_dir: &std::path::Path,
         pool: Arc<Pool>,
         chunk_refs: super::state_machine::ChunkRefs,
@@ -113,8 +121,12 @@ impl ShardHost {
         let log = Arc::new(SegmentLog::open(&data_dir.join("raftlog"))?);
         let snapshots = data_dir.join("snapshots");
         std::fs::create_dir_all(&snapshots)?;
-        let flusher = Flusher::start(db.clone(), log.clone());
-        let layout = match db.open_tree("node")?.get(LAYOUT_KEY)? {
+        let flusher = Flusher::start(log.clone(), stores.meta.clone(), stores.state.clone());
+        let saved = stores
+            .meta
+            .blocking(|s| s.get(NODE_SPACE, LAYOUT_KEY))
+            .await?;
+        let layout = match saved {
             Some(saved) => decode::<Layout>(&saved)?,
             None => spec.layout(),
         };
@@ -125,7 +137,8 @@ impl ShardHost {
             replicas: RwLock::new(HashMap::new()),
             opener: Opener {
                 config,
-                db: db.clone(),
+                state: stores.state.clone(),
+                meta: stores.meta.clone(),
                 log,
                 snapshots,
                 chunk_refs,
@@ -151,11 +164,10 @@ impl ShardHost {
             shard,
             pool: self.pool.clone(),
         };
-        let log_store = LogStore::open(&o.db, o.log.clone(), shard, self.flusher.clone())?;
-        let state = State::new(o.db.open_tree(format!("sm/{shard}"))?);
+        let log_store = LogStore::open(&o.meta, o.log.clone(), shard, self.flusher.clone()).await?;
         let sm = StateMachine::new(
             shard,
-            state.clone(),
+            o.state.clone(),
             self.flusher.clone(),
             o.chunk_refs.clone(),
             o.snapshots.clone(),
@@ -165,7 +177,7 @@ impl ShardHost {
         tokio::spawn(super::log_keeper::run(raft.clone(), o.log_tail));
         let replica = Replica {
             raft,
-            state,
+            space: state_machine::space_of(shard),
             reads: ReadGate::default(),
             quiet: tokio::sync::RwLock::new(()),
         };
@@ -209,9 +221,16 @@ impl ShardHost {
     /// local replicas match it. Returns the chunk ids of replicas closed.
     pub async fn adopt(&self, next: Layout) -> anyhow::Result<Vec<ChunkId>> {
         if next.epoch > self.layout().epoch {
-            let tree = self.opener.db.open_tree("node")?;
-            tree.insert(LAYOUT_KEY, encode(&next))?;
-            tree.flush_async().await?;
+            let bytes = encode(&next);
+            self.opener
+                .meta
+                .blocking(move |s| {
+                    let mut b = Batch::default();
+                    b.insert(LAYOUT_KEY, bytes);
+                    s.apply(NODE_SPACE, b)
+                })
+                .await?;
+            self.flusher.sync_meta().await?;
             *self.layout.write().unwrap() = Arc::new(next);
             tracing::info!(epoch = self.layout().epoch, "adopted a new layout");
         }
@@ -234,7 +253,10 @@ impl ShardHost {
             let replica = self.replicas.write().unwrap().remove(&shard);
             if let Some(r) = replica {
                 let _ = r.raft.shutdown().await;
-                dropped.extend(r.state.chunk_ids());
+                let store = self.opener.state.clone();
+                let recorded =
+                    tokio::task::spawn_blocking(move || r.recorded_chunks(&store)).await?;
+                dropped.extend(recorded?.into_iter().map(|(id, _)| id));
             }
             self.wipe(shard).await?;
             tracing::info!(%shard, "closed and wiped a replica the layout moved away");
@@ -246,10 +268,16 @@ impl ShardHost {
     /// log entries and snapshot files.
     async fn wipe(&self, shard: ShardId) -> anyhow::Result<()> {
         let o = &self.opener;
-        o.db.drop_tree(format!("sm/{shard}"))?;
-        o.db.drop_tree(format!("vote/{shard}"))?;
-        o.log.truncate(shard, 0)?;
-        self.flusher.sync().await?;
+        let (log, meta) = (o.log.clone(), o.meta.clone());
+        o.state
+            .blocking(move |state| {
+                state.remove_space(&state_machine::space_of(shard))?;
+                meta.remove_space(&super::log_store::space_of(shard))?;
+                Ok(log.truncate(shard, 0))
+            })
+            .await??;
+        // A replica opened here later must not find any of it after a crash.
+        self.flusher.sync_all().await?;
         let prefix = format!("shard-{shard}.");
         for f in std::fs::read_dir(&o.snapshots)? {
             let f = f?;
@@ -290,20 +318,39 @@ impl ShardHost {
         v
     }
 
-    /// Every chunk the local replicas record, shard by shard.
-    pub fn recorded_chunks(&self) -> Vec<ChunkId> {
+    /// Every chunk the local replicas record, shard by shard. Blocks.
+    pub fn recorded_chunks(&self) -> Result<Vec<ChunkId>, ShardError> {
         let replicas: Vec<Arc<Replica>> = self.replicas.read().unwrap().values().cloned().collect();
-        replicas.iter().flat_map(|r| r.state.chunk_ids()).collect()
+        let mut all = Vec::new();
+        for r in replicas {
+            all.extend(
+                r.recorded_chunks(&self.opener.state)?
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+        }
+        Ok(all)
     }
 
     /// The chunks and their sizes that the local replica of `shard`
-    /// records; `None` if there is none here.
-    pub fn recorded_chunks_of(&self, shard: ShardId) -> Option<Vec<(ChunkId, u64)>> {
-        Some(self.replica(shard)?.state.chunks_with_sizes())
+    /// records; `None` if there is none here. Blocks.
+    pub fn recorded_chunks_of(
+        &self,
+        shard: ShardId,
+    ) -> Option<Result<Vec<(ChunkId, u64)>, ShardError>> {
+        Some(self.replica(shard)?.recorded_chunks(&self.opener.state))
     }
 
     pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {
         self.layout().addr_of(node)
+    }
+
+    /// The node's state and meta stores.
+    pub fn stores(&self) -> Stores {
+        Stores {
+            state: self.opener.state.clone(),
+            meta: self.opener.meta.clone(),
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -551,7 +598,11 @@ impl ShardHost {
             let _speaking = r.quiet.read().await;
             r.reads.confirm(&r.raft).await?;
         }
-        r.state.query(q)
+        let (space, q) = (r.space.clone(), q.clone());
+        self.opener
+            .state
+            .blocking(move |s| Ok(State::new(&*s.read(&space)?).query(&q)))
+            .await?
     }
 
     /// A snapshot of every local replica's Raft view, for `admin status`.
@@ -577,6 +628,13 @@ impl ShardHost {
         for r in replicas {
             let _ = r.raft.shutdown().await;
         }
+    }
+}
+
+impl Replica {
+    /// The chunks (and sizes) this replica's state records. Blocks.
+    fn recorded_chunks(&self, store: &Store) -> Result<Vec<(ChunkId, u64)>, ShardError> {
+        chunks_with_sizes(&*store.read(&self.space)?)
     }
 }
 

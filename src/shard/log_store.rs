@@ -1,8 +1,8 @@
 //! The Raft log and vote of one shard.
 //!
 //! Entries go to the node's shared [`SegmentLog`]; the vote, the purge point
-//! and the committed id go to the shard's `vote/<shard>` sled tree. openraft
-//! is told an append is durable only after the node's [`Flusher`] has
+//! and the committed id go to the shard's `vote/<shard>` store space. openraft
+//! is told an append is durable only after the node's flusher has
 //! fsynced the segment: one fsync covers every append that arrived from any
 //! shard while the previous fsync ran (group commit). Entries carry a BLAKE3
 //! checksum that is checked on every read, so a corrupt log is detected,
@@ -11,92 +11,36 @@
 // openraft's trait methods return its large StorageError; ours match them.
 #![allow(clippy::result_large_err)]
 
+use super::flusher::Flusher;
 use super::segment_log::SegmentLog;
 use super::TypeConfig;
+use crate::store::{Batch, Store};
 use crate::types::{NodeId, ShardId};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
-use tokio::sync::oneshot;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
-
-/// Someone waiting for the next fsync.
-enum Waiter {
-    /// An append: needs the segment log on disk.
-    Log(LogFlushed<TypeConfig>),
-    /// A vote, purge, checkpoint or install: needs sled on disk too.
-    Notify(oneshot::Sender<std::io::Result<()>>),
-}
-
-/// The node's group-commit fsync loop: one thread that fsyncs for everyone
-/// who asked while the previous fsync ran. (sled's own `flush_async` wakes
-/// its whole thread pool on every call.)
-#[derive(Clone)]
-pub struct Flusher {
-    tx: std::sync::mpsc::Sender<Waiter>,
-}
-
-impl Flusher {
-    /// Starts the loop; it ends when every handle is dropped.
-    pub fn start(db: sled::Db, log: Arc<SegmentLog>) -> Flusher {
-        let (tx, rx) = std::sync::mpsc::channel::<Waiter>();
-        std::thread::Builder::new()
-            .name("lumbung-fsync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
-                    let mut result = log.sync();
-                    if result.is_ok() && waiters.iter().any(|w| matches!(w, Waiter::Notify(_))) {
-                        result = db.flush().map(|_| ()).map_err(std::io::Error::other);
-                    }
-                    for w in waiters {
-                        let r = match &result {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                        };
-                        match w {
-                            Waiter::Log(cb) => cb.log_io_completed(r),
-                            Waiter::Notify(tx) => {
-                                let _ = tx.send(r);
-                            }
-                        }
-                    }
-                }
-            })
-            .expect("spawning the fsync thread");
-        Flusher { tx }
-    }
-
-    /// Waits until everything written so far, log and sled, is on disk.
-    pub async fn sync(&self) -> std::io::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Waiter::Notify(tx))
-            .map_err(|_| std::io::Error::other("flusher stopped"))?;
-        rx.await
-            .map_err(|_| std::io::Error::other("flusher stopped"))?
-    }
-
-    fn after_next_sync(&self, cb: LogFlushed<TypeConfig>) {
-        if let Err(std::sync::mpsc::SendError(Waiter::Log(cb))) = self.tx.send(Waiter::Log(cb)) {
-            cb.log_io_completed(Err(std::io::Error::other("flusher stopped")));
-        }
-    }
-}
 
 /// One shard's log and vote.
 #[derive(Clone)]
 pub struct LogStore {
     shard: ShardId,
     log: Arc<SegmentLog>,
-    /// Vote, last purged log id and committed log id.
-    vote: sled::Tree,
+    /// The node's meta store, where the vote, last purged log id and
+    /// committed log id live.
+    store: Store,
+    space: String,
     flusher: Flusher,
+    /// When the committed id was last written: it changes on every commit,
+    /// and is worth at most one store write a second (see save_committed).
+    committed_written: Option<std::time::Instant>,
 }
+
+/// How often the committed id is written to the store.
+const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
@@ -119,8 +63,8 @@ fn decode_entry(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
 }
 
 impl LogStore {
-    pub fn open(
-        db: &sled::Db,
+    pub async fn open(
+        store: &Store,
         log: Arc<SegmentLog>,
         shard: ShardId,
         flusher: Flusher,
@@ -128,28 +72,66 @@ impl LogStore {
         let store = LogStore {
             shard,
             log,
-            vote: db.open_tree(format!("vote/{shard}"))?,
+            store: store.clone(),
+            space: space_of(shard),
             flusher,
+            committed_written: None,
         };
         // Entries up to the purge point may still sit in older segments.
-        if let Some(purged) = store.purged()? {
+        if let Some(purged) = store.purged().await? {
             store.log.purge(shard, purged.index)?;
         }
         Ok(store)
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> StorageResult<Option<T>> {
-        match self.vote.get(k).map_err(read_err)? {
-            Some(v) => Ok(Some(
-                crate::shard::command::from_msgpack(&v).map_err(read_err)?,
-            )),
-            None => Ok(None),
-        }
+    async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        k: &'static [u8],
+    ) -> StorageResult<Option<T>> {
+        let space = self.space.clone();
+        let value = self
+            .store
+            .blocking(move |s| s.get(&space, k))
+            .await
+            .map_err(read_err)?;
+        value
+            .map(|v| crate::shard::command::from_msgpack(&v).map_err(read_err))
+            .transpose()
     }
 
-    fn purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
-        self.read_meta(PURGED)
+    /// Sets `k` in the shard's space; durable only after the next sync.
+    async fn write_meta(&self, k: &'static [u8], value: Vec<u8>) -> crate::store::Result<()> {
+        let space = self.space.clone();
+        self.store
+            .blocking(move |s| {
+                let mut b = Batch::default();
+                b.insert(k, value);
+                s.apply(&space, b)
+            })
+            .await
     }
+
+    /// Runs `f` on the segment log from tokio's blocking pool: a write can
+    /// wait on the disk (dirty-page throttling, a full or failing disk),
+    /// and a runtime worker must not.
+    async fn on_log<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SegmentLog) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || f(&log))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    async fn purged(&self) -> StorageResult<Option<LogId<NodeId>>> {
+        self.read_meta(PURGED).await
+    }
+}
+
+/// The store space of `shard`'s vote, purge point and committed id.
+pub fn space_of(shard: ShardId) -> String {
+    format!("vote/{shard}")
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -167,7 +149,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX,
         };
-        let payloads = self.log.read(self.shard, from, to).map_err(read_err)?;
+        let shard = self.shard;
+        let payloads = self
+            .on_log(move |log| log.read(shard, from, to))
+            .await
+            .map_err(read_err)?;
         payloads.iter().map(|p| decode_entry(p)).collect()
     }
 }
@@ -176,8 +162,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged = self.purged()?;
-        let last = match self.log.last(self.shard).map_err(read_err)? {
+        let last_purged = self.purged().await?;
+        let shard = self.shard;
+        let last_entry = self
+            .on_log(move |log| log.last(shard))
+            .await
+            .map_err(read_err)?;
+        let last = match last_entry {
             Some(p) => Some(decode_entry(&p)?.log_id),
             None => last_purged,
         };
@@ -192,28 +183,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.vote
-            .insert(VOTE, rmp_serde::to_vec(vote).map_err(vote_err)?)
-            .map_err(vote_err)?;
-        self.flusher.sync().await.map_err(vote_err)
+        let bytes = rmp_serde::to_vec(vote).map_err(vote_err)?;
+        self.write_meta(VOTE, bytes).await.map_err(vote_err)?;
+        self.flusher.sync_meta().await.map_err(vote_err)
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.read_meta(VOTE)
+        self.read_meta(VOTE).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        // Durability comes with a later fsync; losing it only costs a replay.
-        self.vote
-            .insert(COMMITTED, rmp_serde::to_vec(&committed).map_err(write_err)?)
-            .map_err(write_err)?;
+        // Only an optimisation: after a restart it lets a replica apply what
+        // it knew was committed before hearing from a leader. Durability
+        // comes with a later fsync, and an older value only costs a replay,
+        // so it is written at most once a second, not on every commit.
+        if self
+            .committed_written
+            .is_some_and(|at| at.elapsed() < COMMITTED_EVERY)
+        {
+            return Ok(());
+        }
+        let bytes = rmp_serde::to_vec(&committed).map_err(write_err)?;
+        self.write_meta(COMMITTED, bytes).await.map_err(write_err)?;
+        self.committed_written = Some(std::time::Instant::now());
         Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .read_meta::<Option<LogId<NodeId>>>(COMMITTED)?
-            .flatten())
+        let committed = self
+            .read_meta::<Option<LogId<NodeId>>>(COMMITTED)
+            .await?
+            .flatten();
+        // The committed id reaches the disk with whatever persist comes
+        // next, which may be before the log's fsync of the entries it names
+        // (a checkpoint of another shard, say). Entries the log does have
+        // up to it were committed, so the log's end is as far as it holds.
+        let last = self.get_log_state().await?.last_log_id;
+        Ok(match (committed, last) {
+            (Some(c), Some(l)) if c.index > l.index => Some(l),
+            (Some(_), None) => None,
+            (c, _) => c,
+        })
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -228,24 +238,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 (e.log_id.index, bytes)
             })
             .collect();
-        self.log.append(self.shard, &encoded).map_err(write_err)?;
+        let shard = self.shard;
+        self.on_log(move |log| log.append(shard, &encoded))
+            .await
+            .map_err(write_err)?;
         self.flusher.after_next_sync(callback);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.log
-            .truncate(self.shard, log_id.index)
+        let shard = self.shard;
+        self.on_log(move |log| log.truncate(shard, log_id.index))
+            .await
             .map_err(write_err)?;
-        self.flusher.sync().await.map_err(write_err)
+        self.flusher.sync_log().await.map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         // The purge point is durable before any segment is deleted.
-        self.vote
-            .insert(PURGED, rmp_serde::to_vec(&log_id).map_err(write_err)?)
-            .map_err(write_err)?;
-        self.flusher.sync().await.map_err(write_err)?;
-        self.log.purge(self.shard, log_id.index).map_err(write_err)
+        let bytes = rmp_serde::to_vec(&log_id).map_err(write_err)?;
+        self.write_meta(PURGED, bytes).await.map_err(write_err)?;
+        self.flusher.sync_meta().await.map_err(write_err)?;
+        let shard = self.shard;
+        self.on_log(move |log| log.purge(shard, log_id.index))
+            .await
+            .map_err(write_err)
     }
 }

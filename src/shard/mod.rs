@@ -14,11 +14,12 @@
 //! node took that write.
 //!
 //! All shards of a node share one segment log (their Raft entries), one
-//! sled database (trees `vote/<shard>` and `sm/<shard>`) and one fsync loop,
-//! so a burst of small writes to many shards costs one fsync, not one per
-//! shard.
+//! state store (`sm/<shard>` spaces), one meta store (`vote/<shard>`) and
+//! one fsync loop, so a burst of small writes to many shards costs one
+//! fsync, not one per shard.
 
 pub mod command;
+pub mod flusher;
 pub mod host;
 pub mod log_keeper;
 pub mod log_store;

@@ -82,7 +82,7 @@ fn read_block<R: Read>(r: &mut R, len: u32) -> std::io::Result<Vec<u8>> {
 /// Writes `pairs` with `meta` to `path`, durably.
 pub fn write<I>(path: &Path, meta: &Meta, pairs: I) -> std::io::Result<()>
 where
-    I: Iterator<Item = std::io::Result<(sled::IVec, sled::IVec)>>,
+    I: Iterator<Item = std::io::Result<crate::store::Pair>>,
 {
     let tmp = tmp_path(path);
     let file = File::create(&tmp)?;

@@ -1,4 +1,4 @@
-//! The deterministic heart of a shard: how a command changes the tree and
+//! The deterministic heart of a shard: how a command changes its state and
 //! how a query reads it.
 //!
 //! Every key starts with a one-byte tag naming the record type; the parts
@@ -8,9 +8,9 @@
 
 use super::command::*;
 use crate::placement::Layout;
+use crate::store::{Batch, Reader, StoreError};
 use crate::types::ChunkId;
 use md5::{Digest, Md5};
-use sled::{Batch, Tree};
 
 /// S3's smallest part, except for the last one.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -134,51 +134,46 @@ fn check_limit(limit: &Option<Limit>, before: Usage, after: Usage) -> Io<()> {
     )
 }
 
-/// Reads and changes one shard's tree.
-#[derive(Clone)]
-pub struct State {
-    pub tree: Tree,
+/// Reads one shard's state, to answer a query or to work out what a
+/// command changes.
+pub struct State<'a> {
+    r: &'a dyn Reader,
 }
 
 type Io<T> = Result<T, ShardError>;
 
-fn io(e: sled::Error) -> ShardError {
-    ShardError::Internal(format!("storage: {e}"))
+impl From<StoreError> for ShardError {
+    fn from(e: StoreError) -> ShardError {
+        ShardError::Internal(e.to_string())
+    }
 }
 
-impl State {
-    pub fn new(tree: Tree) -> State {
-        State { tree }
+/// Every chunk a shard's state records, with its stored size.
+pub fn chunks_with_sizes(r: &dyn Reader) -> Io<Vec<(ChunkId, u64)>> {
+    let mut out = Vec::new();
+    for kv in r.prefix(&[tag::CHUNK])? {
+        let (k, v) = kv?;
+        if let Some(id) = chunk_of_key(&k) {
+            out.push((id, decode(&v)?));
+        }
     }
+    Ok(out)
+}
 
-    /// Every chunk this replica's state records.
-    pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        self.tree
-            .scan_prefix([tag::CHUNK])
-            .keys()
-            .filter_map(|k| k.ok().and_then(|k| chunk_of_key(&k)))
-    }
-
-    /// Every chunk this replica's state records, with its stored size.
-    pub fn chunks_with_sizes(&self) -> Vec<(ChunkId, u64)> {
-        self.tree
-            .scan_prefix([tag::CHUNK])
-            .filter_map(|kv| {
-                let (k, v) = kv.ok()?;
-                Some((chunk_of_key(&k)?, decode(&v).ok()?))
-            })
-            .collect()
+impl<'a> State<'a> {
+    pub fn new(r: &'a dyn Reader) -> State<'a> {
+        State { r }
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Io<Option<T>> {
-        match self.tree.get(k).map_err(io)? {
+        match self.r.get(k)? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
     }
 
     fn exists(&self, k: &[u8]) -> Io<bool> {
-        self.tree.contains_key(k).map_err(io)
+        Ok(self.r.contains(k)?)
     }
 
     fn require_index(&self, tenant: &str, bucket: &str) -> Io<()> {
@@ -190,13 +185,7 @@ impl State {
     }
 
     fn has_prefix(&self, prefix: &[u8]) -> Io<bool> {
-        Ok(self
-            .tree
-            .scan_prefix(prefix)
-            .next()
-            .transpose()
-            .map_err(io)?
-            .is_some())
+        Ok(self.r.prefix(prefix)?.next().transpose()?.is_some())
     }
 
     /// Applies `cmd`, putting its writes into `batch`. An `Err` that is
@@ -273,8 +262,8 @@ impl State {
                     return Err(ShardError::NoSuchTenant);
                 }
                 batch.remove(k);
-                for kv in self.tree.scan_prefix([tag::ACCESS_KEY]) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&[tag::ACCESS_KEY])? {
+                    let (k, v) = kv?;
                     if decode::<AccessKey>(&v)?.tenant == *tenant {
                         batch.remove(k);
                     }
@@ -282,8 +271,8 @@ impl State {
                 let mut prefix = key(tag::BUCKET, &[tenant.as_bytes()]);
                 prefix.push(0);
                 let mut buckets = Vec::new();
-                for kv in self.tree.scan_prefix(&prefix) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&prefix)? {
+                    let (k, v) = kv?;
                     buckets.push((
                         String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
                         decode(&v)?,
@@ -304,11 +293,11 @@ impl State {
             } => {
                 let mut left = *max;
                 for t in [tag::OBJECT, tag::UPLOAD, tag::PART] {
-                    for kv in self.tree.scan_prefix(bucket_prefix(t, tenant, bucket)) {
+                    for kv in self.r.prefix(&bucket_prefix(t, tenant, bucket))? {
                         if left == 0 {
                             return Ok(Value::Exists(true));
                         }
-                        batch.remove(kv.map_err(io)?.0);
+                        batch.remove(kv?.0);
                         left -= 1;
                     }
                 }
@@ -478,7 +467,7 @@ impl State {
                 if stored != *expected_epoch || layout.epoch != expected_epoch + 1 {
                     return Err(ShardError::LayoutChanged { now: stored });
                 }
-                batch.insert(&k, encode(layout));
+                batch.insert(k, encode(layout));
             }
             Command::StartRebalance { rebalance } => {
                 if let Some(r) = self.get::<Rebalance>(&[tag::REBALANCE])? {
@@ -490,7 +479,7 @@ impl State {
                         )));
                     }
                 }
-                batch.insert(&[tag::REBALANCE], encode(rebalance));
+                batch.insert([tag::REBALANCE], encode(rebalance));
             }
             Command::UpdateRebalance {
                 rebalance,
@@ -505,7 +494,7 @@ impl State {
                 };
                 let mut next = rebalance.clone();
                 next.cancel |= stored.cancel;
-                batch.insert(&[tag::REBALANCE], encode(&next));
+                batch.insert([tag::REBALANCE], encode(&next));
             }
             Command::CancelRebalance => {
                 let stored: Option<Rebalance> = self.get(&[tag::REBALANCE])?;
@@ -515,7 +504,7 @@ impl State {
                     ));
                 };
                 r.cancel = true;
-                batch.insert(&[tag::REBALANCE], encode(&r));
+                batch.insert([tag::REBALANCE], encode(&r));
             }
             Command::AddChunks { chunks } => {
                 for (id, len) in chunks {
@@ -536,11 +525,8 @@ impl State {
     ) -> Io<u64> {
         batch.remove(upload_key(tenant, bucket, object, upload_id));
         let mut bytes = 0;
-        for kv in self
-            .tree
-            .scan_prefix(parts_prefix(tenant, bucket, upload_id))
-        {
-            let (k, v) = kv.map_err(io)?;
+        for kv in self.r.prefix(&parts_prefix(tenant, bucket, upload_id))? {
+            let (k, v) = kv?;
             bytes += decode::<Part>(&v)?.size;
             batch.remove(k);
         }
@@ -627,7 +613,7 @@ impl State {
         })
     }
 
-    /// Answers `q` from this replica's tree.
+    /// Answers `q` from this replica's state.
     pub fn query(&self, q: &Query) -> Reply {
         match q {
             Query::AccessKey { access_key } => Ok(Value::AccessKey(
@@ -635,8 +621,8 @@ impl State {
             )),
             Query::Tenants => {
                 let mut out = Vec::new();
-                for kv in self.tree.scan_prefix([tag::TENANT]) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&[tag::TENANT])? {
+                    let (k, v) = kv?;
                     out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
                 }
                 Ok(Value::Tenants(out))
@@ -645,8 +631,8 @@ impl State {
             Query::Rebalance => Ok(Value::Rebalance(self.get(&[tag::REBALANCE])?)),
             Query::Tombstones => {
                 let mut out = Vec::new();
-                for kv in self.tree.scan_prefix([tag::TOMBSTONE]) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&[tag::TOMBSTONE])? {
+                    let (k, v) = kv?;
                     out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode(&v)?));
                 }
                 Ok(Value::Tombstones(out))
@@ -660,8 +646,8 @@ impl State {
             }
             Query::AccessKeys { tenant } => {
                 let mut out = Vec::new();
-                for kv in self.tree.scan_prefix([tag::ACCESS_KEY]) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&[tag::ACCESS_KEY])? {
+                    let (k, v) = kv?;
                     let ak: AccessKey = decode(&v)?;
                     if ak.tenant == *tenant {
                         out.push(String::from_utf8_lossy(&k[1..]).into_owned());
@@ -673,8 +659,8 @@ impl State {
                 let mut prefix = key(tag::BUCKET, &[tenant.as_bytes()]);
                 prefix.push(0);
                 let mut out = Vec::new();
-                for kv in self.tree.scan_prefix(&prefix) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.prefix(&prefix)? {
+                    let (k, v) = kv?;
                     let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                     out.push((name, decode(&v)?));
                 }
@@ -727,8 +713,8 @@ impl State {
                 let start = part_key(tenant, bucket, upload_id, after.saturating_add(1));
                 let mut parts = Vec::new();
                 let mut truncated = false;
-                for kv in self.tree.range(start..after_prefix(&prefix)) {
-                    let (k, v) = kv.map_err(io)?;
+                for kv in self.r.range(&start, Some(&after_prefix(&prefix)))? {
+                    let (k, v) = kv?;
                     if parts.len() as u32 >= *max {
                         truncated = true;
                         break;
@@ -763,8 +749,8 @@ impl State {
                 }
                 let mut uploads = Vec::new();
                 let mut truncated = false;
-                for kv in self.tree.range(start..after_prefix(&scan_prefix)) {
-                    let (_, v) = kv.map_err(io)?;
+                for kv in self.r.range(&start, Some(&after_prefix(&scan_prefix)))? {
+                    let (_, v) = kv?;
                     if uploads.len() as u32 >= *max {
                         truncated = true;
                         break;
@@ -804,10 +790,10 @@ impl State {
         let mut page = ListPage::default();
         let mut count = 0u32;
         while start < end {
-            let Some(kv) = self.tree.range(start.clone()..end.clone()).next() else {
+            let Some(kv) = self.r.range(&start, Some(&end))?.next() else {
                 break;
             };
-            let (k, v) = kv.map_err(io)?;
+            let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k[base.len()..]).into_owned();
             if count >= max_keys {
                 page.truncated = true;

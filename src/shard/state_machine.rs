@@ -1,12 +1,12 @@
 //! openraft's view of a shard's state: applying committed entries to the
-//! `sm/<shard>` tree, and building and installing snapshots of it.
+//! shard's `sm/<shard>` space, and building and installing snapshots of it.
 //!
-//! Each entry's writes and the new "last applied" id go into one sled batch,
-//! so after a crash the tree is exactly the state after some entry and
-//! openraft replays the rest from the log. The tree is its own snapshot: a
-//! "build" is an fsync plus a checkpoint note, which is what makes purging
-//! the log behind it safe; the tree is written out as a file (see
-//! [`snapshot`]) only when a lagging follower needs one.
+//! Each entry's writes and the new "last applied" id go into one atomic
+//! store write, so after a crash the space is exactly the state after some
+//! entry and openraft replays the rest from the log. The space is its own
+//! snapshot: a "build" is a persist plus a checkpoint note, which is what
+//! makes purging the log behind it safe; the space is written out as a file
+//! (see [`snapshot`]) only when a lagging follower needs one.
 
 // openraft's trait methods return its large StorageError; ours match them.
 #![allow(clippy::result_large_err)]
@@ -15,6 +15,7 @@ use super::command::{decode, encode, Command, Reply, Value};
 use super::snapshot;
 use super::state::{chunk_of_key, State};
 use super::TypeConfig;
+use crate::store::{Batch, Reader, Store, StoreError, Writer};
 use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -34,15 +35,25 @@ type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)
 const APPLIED: &[u8] = b"\xffapplied";
 const MEMBERSHIP: &[u8] = b"\xffmembership";
 
+/// Entries applied in one store write: bounded, as replaying a long log
+/// after a restart hands the state machine thousands at once.
+const APPLY_BATCH_BYTES: usize = 8 << 20;
+
 fn sm_err(e: impl ToString) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+}
+
+/// The store space of `shard`'s state machine.
+pub fn space_of(shard: ShardId) -> String {
+    format!("sm/{shard}")
 }
 
 /// One shard's state machine.
 pub struct StateMachine {
     shard: ShardId,
-    state: State,
-    flusher: super::log_store::Flusher,
+    store: Store,
+    space: String,
+    flusher: super::flusher::Flusher,
     /// Chunks this replica was told about but may not hold yet; the node's
     /// repair task fetches the missing ones from other replicas.
     chunk_refs: ChunkRefs,
@@ -57,14 +68,15 @@ pub struct StateMachine {
 impl StateMachine {
     pub fn new(
         shard: ShardId,
-        state: State,
-        flusher: super::log_store::Flusher,
+        store: Store,
+        flusher: super::flusher::Flusher,
         chunk_refs: ChunkRefs,
         snapshots: PathBuf,
     ) -> StateMachine {
         StateMachine {
             shard,
-            state,
+            space: space_of(shard),
+            store,
             flusher,
             chunk_refs,
             snapshots,
@@ -73,40 +85,37 @@ impl StateMachine {
         }
     }
 
-    fn read<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> StorageResult<Option<T>> {
-        match self.state.tree.get(k).map_err(sm_err)? {
-            Some(v) => Ok(Some(decode(&v).map_err(sm_err)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn applied(&self) -> StorageResult<AppliedState> {
-        Ok((
-            self.read(APPLIED)?,
-            self.read(MEMBERSHIP)?.unwrap_or_default(),
-        ))
+    async fn applied(&self) -> StorageResult<AppliedState> {
+        let space = self.space.clone();
+        self.store
+            .blocking(move |s| Ok(applied_state(&*s.read(&space)?)))
+            .await
+            .map_err(sm_err)?
     }
 
     fn current_path(&self) -> PathBuf {
         snapshot::current_path(&self.snapshots, self.shard)
     }
 
-    /// Present while a snapshot is being loaded into the tree.
+    /// Present while a snapshot is being loaded into the space.
     fn install_marker(&self) -> PathBuf {
         self.snapshots
             .join(format!("shard-{}.installing", self.shard))
     }
 
     /// Finishes a snapshot install that a crash interrupted, before
-    /// anything reads the tree: it holds part of the old state and part of
+    /// anything reads the space: it holds part of the old state and part of
     /// the new, so the (verified) snapshot file is loaded again.
     pub async fn finish_interrupted_install(&self) -> anyhow::Result<()> {
         let marker = self.install_marker();
         if !marker.exists() {
             return Ok(());
         }
-        let (tree, current) = (self.state.tree.clone(), self.current_path());
-        let chunks = tokio::task::spawn_blocking(move || load(&tree, &current, &marker)).await??;
+        let (space, current) = (self.space.clone(), self.current_path());
+        let chunks = self
+            .store
+            .blocking(move |s| Ok(load(s, &space, &current, &marker)))
+            .await??;
         tracing::info!(shard = %self.shard, chunks = chunks.len(), "finished an interrupted snapshot install");
         for id in chunks {
             self.chunk_refs.name(id);
@@ -119,24 +128,32 @@ impl StateMachine {
             .join(format!("shard-{}.checkpoint", self.shard))
     }
 
-    fn meta_now(&self) -> StorageResult<snapshot::Meta> {
-        let (last_applied, membership) = self.applied()?;
-        Ok(snapshot::Meta {
+    async fn meta_now(&self) -> StorageResult<snapshot::Meta> {
+        let (last_applied, membership) = self.applied().await?;
+        Ok(self.meta_of(last_applied, membership))
+    }
+
+    fn meta_of(
+        &self,
+        last_applied: Option<LogId<NodeId>>,
+        membership: StoredMembership<NodeId, BasicNode>,
+    ) -> snapshot::Meta {
+        snapshot::Meta {
             last_log_id: last_applied,
             last_membership: membership,
             snapshot_id: match last_applied {
                 Some(l) => format!("{}-{}-{}", self.shard, l.leader_id.term, l.index),
                 None => format!("{}-empty", self.shard),
             },
-        })
+        }
     }
 
-    /// A checkpoint: the tree itself is the snapshot once it is on disk, so
-    /// "building" one is an fsync and a note of how far it reaches. Only a
-    /// follower that needs a snapshot gets the tree written out as a file.
+    /// A checkpoint: the space itself is the snapshot once it is on disk,
+    /// so "building" one is a persist and a note of how far it reaches.
+    /// Only a follower that needs a snapshot gets it written out as a file.
     async fn checkpoint(&self) -> StorageResult<snapshot::Meta> {
-        self.flusher.sync().await.map_err(sm_err)?;
-        let meta = self.meta_now()?;
+        self.flusher.sync_all().await.map_err(sm_err)?;
+        let meta = self.meta_now().await?;
         let path = self.checkpoint_path();
         let bytes = encode(&meta);
         tokio::task::spawn_blocking(move || snapshot::write_small(&path, &bytes))
@@ -148,57 +165,146 @@ impl StateMachine {
 
     /// Writes the state as it is now to the shard's snapshot file. Runs
     /// while openraft holds the state machine, so no entry is applied
-    /// meanwhile and the file is one consistent point of the log.
+    /// meanwhile, and reads one store snapshot, so the file is one
+    /// consistent point of the log.
     async fn write_snapshot(&self) -> StorageResult<snapshot::Meta> {
-        self.flusher.sync().await.map_err(sm_err)?;
-        let meta = self.meta_now()?;
-        let (tree, path, m) = (self.state.tree.clone(), self.current_path(), meta.clone());
-        tokio::task::spawn_blocking(move || {
-            let pairs = tree
-                .range(..&[0xFFu8][..])
-                .map(|kv| kv.map_err(|e| std::io::Error::other(e.to_string())));
-            snapshot::write(&path, &m, pairs)
-        })
-        .await
-        .map_err(sm_err)?
-        .map_err(sm_err)?;
-        Ok(meta)
+        let (space, path) = (self.space.clone(), self.current_path());
+        let (last_applied, membership) = self
+            .store
+            .blocking(move |s| {
+                let r = s.read(&space)?;
+                let applied = applied_state(&*r).map_err(StoreError::of)?;
+                let meta = snapshot::Meta {
+                    last_log_id: applied.0,
+                    last_membership: applied.1.clone(),
+                    snapshot_id: String::new(),
+                };
+                let pairs = r
+                    .range(b"", Some(b"\xff"))?
+                    .map(|kv| kv.map_err(std::io::Error::from));
+                snapshot::write(&path, &meta, pairs).map_err(StoreError::of)?;
+                Ok(applied)
+            })
+            .await
+            .map_err(sm_err)?;
+        Ok(self.meta_of(last_applied, membership))
     }
 }
 
-/// Bytes of pairs written to the tree in one batch while loading a
+/// The applied id and membership recorded in a state-machine space.
+fn applied_state(r: &dyn Reader) -> StorageResult<AppliedState> {
+    let applied = match r.get(APPLIED).map_err(sm_err)? {
+        Some(v) => decode(&v).map_err(sm_err)?,
+        None => None,
+    };
+    let membership = match r.get(MEMBERSHIP).map_err(sm_err)? {
+        Some(v) => decode(&v).map_err(sm_err)?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+/// Bytes of pairs written to the space in one batch while loading a
 /// snapshot: a shard's state can be far larger than memory allows at once.
 const LOAD_BATCH_BYTES: usize = 8 << 20;
 
-/// Replaces the whole of `tree` with the snapshot file at `path`, batch by
+/// Replaces the whole of `space` with the snapshot file at `path`, batch by
 /// batch, and returns the chunks it records. Not atomic, so `marker` says a
 /// load is under way until it has finished and reached the disk; a replica
 /// that finds the marker at start-up loads the same file again.
-fn load(tree: &sled::Tree, path: &Path, marker: &Path) -> std::io::Result<Vec<ChunkId>> {
-    let io = |e: sled::Error| std::io::Error::other(e.to_string());
+fn load(store: &Store, space: &str, path: &Path, marker: &Path) -> std::io::Result<Vec<ChunkId>> {
     snapshot::write_small(marker, b"")?;
-    tree.clear().map_err(io)?;
+    store.remove_space(space)?;
     let mut chunks = Vec::new();
-    let mut batch = sled::Batch::default();
-    let mut batched = 0;
+    let mut batch = Batch::default();
     let meta = snapshot::read(std::fs::File::open(path)?, |k, v| {
         if let Some(id) = chunk_of_key(&k) {
             chunks.push(id);
         }
-        batched += k.len() + v.len();
         batch.insert(k, v);
-        if batched >= LOAD_BATCH_BYTES {
-            tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
-            batched = 0;
+        if batch.bytes() >= LOAD_BATCH_BYTES {
+            store.apply(space, std::mem::take(&mut batch))?;
         }
         Ok(())
     })?;
     batch.insert(APPLIED, encode(&meta.last_log_id));
     batch.insert(MEMBERSHIP, encode(&meta.last_membership));
-    tree.apply_batch(batch).map_err(io)?;
-    tree.flush().map_err(io)?;
+    store.apply(space, batch)?;
+    store.persist()?;
     std::fs::remove_file(marker)?;
     Ok(chunks)
+}
+
+/// What applying a run of entries produced.
+struct Applied {
+    replies: Vec<Reply>,
+    /// Chunks named by `AddChunks` entries, for the repair task.
+    chunks: Vec<ChunkId>,
+}
+
+/// Applies `entries` to `space` in store writes of at most
+/// [`APPLY_BATCH_BYTES`]; each write carries its last entry's id as the
+/// applied mark.
+fn apply_entries(
+    store: &Store,
+    space: &str,
+    entries: Vec<Entry<TypeConfig>>,
+) -> crate::store::Result<Applied> {
+    let mut out = Applied {
+        replies: Vec::with_capacity(entries.len()),
+        chunks: Vec::new(),
+    };
+    let mut entries = entries.into_iter().peekable();
+    while entries.peek().is_some() {
+        store.write(space, |w| {
+            let mut written = 0;
+            while let Some(entry) = entries.next_if(|_| written < APPLY_BATCH_BYTES) {
+                written += apply_one(w, &entry, &mut out)?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+/// Applies one entry inside a store write; returns the bytes it wrote. A
+/// failure that is not deterministic fails the write: replicas must never
+/// diverge, so the replica stops rather than skip the entry.
+fn apply_one(
+    w: &mut dyn Writer,
+    entry: &Entry<TypeConfig>,
+    out: &mut Applied,
+) -> crate::store::Result<usize> {
+    let mut batch = Batch::default();
+    let reply = match &entry.payload {
+        EntryPayload::Blank => Ok(Value::Done),
+        EntryPayload::Membership(m) => {
+            let stored = StoredMembership::new(Some(entry.log_id), m.clone());
+            batch.insert(MEMBERSHIP, encode(&stored));
+            Ok(Value::Done)
+        }
+        EntryPayload::Normal(cmd) => {
+            let reply = State::new(w).apply(cmd, &mut batch);
+            match &reply {
+                Err(e) if !e.is_deterministic() => {
+                    return Err(StoreError(format!("applying {}: {e}", entry.log_id)));
+                }
+                Err(_) => batch = Batch::default(),
+                Ok(_) => {
+                    if let Command::AddChunks { chunks } = cmd {
+                        out.chunks.extend(chunks.iter().map(|(id, _)| *id));
+                    }
+                }
+            }
+            reply
+        }
+    };
+    // The applied mark goes last in the same atomic write.
+    batch.insert(APPLIED, encode(&Some(entry.log_id)));
+    let bytes = batch.bytes();
+    w.apply(batch)?;
+    out.replies.push(reply);
+    Ok(bytes)
 }
 
 /// Hands openraft the checkpoint taken when it asked for a builder.
@@ -224,7 +330,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Builder;
 
     async fn applied_state(&mut self) -> StorageResult<AppliedState> {
-        self.applied()
+        self.applied().await
     }
 
     async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Reply>>
@@ -232,41 +338,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut replies = Vec::new();
-        for entry in entries {
-            let mut batch = sled::Batch::default();
-            let reply = match &entry.payload {
-                EntryPayload::Blank => Ok(Value::Done),
-                EntryPayload::Membership(m) => {
-                    let stored = StoredMembership::new(Some(entry.log_id), m.clone());
-                    batch.insert(MEMBERSHIP, encode(&stored));
-                    Ok(Value::Done)
-                }
-                EntryPayload::Normal(cmd) => {
-                    let reply = self.state.apply(cmd, &mut batch);
-                    match &reply {
-                        Err(e) if !e.is_deterministic() => {
-                            // Replicas must never diverge: stop this one.
-                            return Err(sm_err(format!("applying {}: {e}", entry.log_id)));
-                        }
-                        Err(_) => batch = sled::Batch::default(),
-                        Ok(_) => {
-                            if let Command::AddChunks { chunks } = cmd {
-                                for (id, _) in chunks {
-                                    self.chunk_refs.name(*id);
-                                }
-                            }
-                        }
-                    }
-                    reply
-                }
-            };
-            // The applied marker goes last in the same atomic batch.
-            batch.insert(APPLIED, encode(&Some(entry.log_id)));
-            self.state.tree.apply_batch(batch).map_err(sm_err)?;
-            replies.push(reply);
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let space = self.space.clone();
+        let applied = self
+            .store
+            .blocking(move |s| apply_entries(s, &space, entries))
+            .await
+            .map_err(sm_err)?;
+        for id in applied.chunks {
+            self.chunk_refs.name(id);
         }
-        Ok(replies)
+        Ok(applied.replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -308,17 +390,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .take()
             .ok_or_else(|| sm_err("no snapshot was being received"))?;
         let (current, marker) = (self.current_path(), self.install_marker());
-        let tree = self.state.tree.clone();
-        let chunks = tokio::task::spawn_blocking(move || {
-            // Nothing reaches the tree unless the whole file verified.
-            snapshot::read(std::fs::File::open(&received)?, |_, _| Ok(()))?;
-            std::fs::rename(&received, &current)?;
-            std::fs::File::open(current.parent().unwrap_or(Path::new(".")))?.sync_all()?;
-            load(&tree, &current, &marker)
-        })
-        .await
-        .map_err(sm_err)?
-        .map_err(sm_err)?;
+        let space = self.space.clone();
+        let chunks = self
+            .store
+            .blocking(move |s| {
+                // Nothing reaches the space unless the whole file verified.
+                let loaded = (|| {
+                    snapshot::read(std::fs::File::open(&received)?, |_, _| Ok(()))?;
+                    std::fs::rename(&received, &current)?;
+                    std::fs::File::open(current.parent().unwrap_or(Path::new(".")))?.sync_all()?;
+                    load(s, &space, &current, &marker)
+                })();
+                Ok(loaded)
+            })
+            .await
+            .map_err(sm_err)?
+            .map_err(sm_err)?;
         self.checkpoint().await?;
         tracing::info!(
             shard = %self.shard,
@@ -349,7 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // A follower needs the state: write it out as it is now, which is
         // at least as far as any checkpoint the log was purged behind.
-        if self.applied()?.0.is_none() {
+        if self.applied().await?.0.is_none() {
             return Ok(None);
         }
         let meta = self.write_snapshot().await?;
@@ -368,24 +455,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loading_a_snapshot_replaces_the_tree_in_batches_and_clears_its_marker() {
+    fn loading_a_snapshot_replaces_the_space_in_batches_and_clears_its_marker() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("sm/1").unwrap();
-        tree.insert(b"old key", b"gone after the load".as_slice())
-            .unwrap();
+        let store = Store::open(&dir.path().join("state.redb"), 1 << 20).unwrap();
+        let mut old = Batch::default();
+        old.insert(b"old key".to_vec(), b"gone after the load".to_vec());
+        store.apply("sm/1", old).unwrap();
 
-        // A source tree larger than one load batch, with one chunk record.
-        let source = db.open_tree("source").unwrap();
+        // A source larger than one load batch, with one chunk record.
         let chunk = ChunkId([7; 32]);
-        source
-            .insert(super::super::state::chunk_key(&chunk), b"10".as_slice())
-            .unwrap();
         let value = vec![0xAB; 64 * 1024];
+        let mut pairs = vec![(super::super::state::chunk_key(&chunk), b"10".to_vec())];
         for i in 0..300u32 {
-            source
-                .insert(format!("k{i:05}").as_bytes(), value.as_slice())
-                .unwrap();
+            pairs.push((format!("k{i:05}").into_bytes(), value.clone()));
         }
         let meta = snapshot::Meta {
             last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
@@ -393,20 +475,18 @@ mod tests {
             snapshot_id: "1-3-42".into(),
         };
         let path = dir.path().join("shard-1.snap");
-        let pairs = source
-            .iter()
-            .map(|kv| kv.map_err(|e| std::io::Error::other(e.to_string())));
-        snapshot::write(&path, &meta, pairs).unwrap();
+        snapshot::write(&path, &meta, pairs.clone().into_iter().map(Ok)).unwrap();
 
         let marker = dir.path().join("shard-1.installing");
-        let chunks = load(&tree, &path, &marker).unwrap();
+        let chunks = load(&store, "sm/1", &path, &marker).unwrap();
         assert_eq!(chunks, [chunk]);
         assert!(!marker.exists(), "the marker outlived the load");
-        assert!(tree.get(b"old key").unwrap().is_none());
-        assert_eq!(tree.get(b"k00299").unwrap().unwrap(), value.as_slice());
-        let applied: Option<LogId<NodeId>> = decode(&tree.get(APPLIED).unwrap().unwrap()).unwrap();
+        assert!(store.get("sm/1", b"old key").unwrap().is_none());
+        assert_eq!(store.get("sm/1", b"k00299").unwrap().unwrap(), value);
+        let r = store.read("sm/1").unwrap();
+        let (applied, _) = applied_state(&*r).unwrap();
         assert_eq!(applied, meta.last_log_id);
         // Every source pair plus the two bookkeeping keys.
-        assert_eq!(tree.len(), source.len() + 2);
+        assert_eq!(r.range(b"", None).unwrap().count(), pairs.len() + 2);
     }
 }
