@@ -127,6 +127,24 @@ pub struct NodeConfig {
     /// The state store's page cache, in MiB.
     #[serde(default = "default_cache_mib")]
     pub cache_mib: u64,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+}
+
+/// `[watchdog]`: when a stuck process stops itself (see `watchdog`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// A part (runtime, store, log fsync) that makes no progress this long
+    /// stops the process with exit code 75, for its supervisor to restart.
+    /// 0 only logs the stall.
+    pub stall_secs: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig { stall_secs: 10 }
+    }
 }
 
 fn default_cache_mib() -> u64 {
@@ -150,6 +168,8 @@ pub struct GatewayConfig {
     /// What one client may ask of the gateway.
     #[serde(default)]
     pub limits: GatewayLimits,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
 }
 
 /// The gateway's defences against clients that ask too much, too fast or

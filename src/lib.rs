@@ -13,6 +13,7 @@
 //! - [`placement`]: which shard holds what, and which nodes hold a shard.
 //! - [`admin`]: cluster creation and status.
 //! - [`rpc`], [`tls`], [`config`]: the wire, certificates and config files.
+//! - [`watchdog`]: fail-stop, when the runtime or storage stops moving.
 
 pub mod admin;
 pub mod chunk;
@@ -28,3 +29,4 @@ pub mod shard;
 pub mod store;
 pub mod tls;
 pub mod types;
+pub mod watchdog;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use lumbung::admin::tenants::{LimitArg, QuotaSpec};
 use lumbung::admin::{self, InitOptions};
 use lumbung::config::{self, AdminConfig, GatewayConfig, NodeConfig};
+use lumbung::watchdog::Watchdog;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -751,7 +752,9 @@ async fn main() {
 async fn run_node(path: PathBuf) -> anyhow::Result<()> {
     let cfg: NodeConfig = config::load(&path)?;
     let signals = Signals::install()?;
+    let dog = Watchdog::start(cfg.watchdog.stall_secs);
     let node = lumbung::node::start(cfg).await?;
+    node.watch(&dog);
     signals
         .serve_until_stopped(|| node.reload_certificates())
         .await;
@@ -762,6 +765,8 @@ async fn run_node(path: PathBuf) -> anyhow::Result<()> {
 async fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
     let cfg: GatewayConfig = config::load(&path)?;
     let signals = Signals::install()?;
+    let dog = Watchdog::start(cfg.watchdog.stall_secs);
+    dog.watch_runtime();
     let gw = lumbung::gateway::start(cfg).await?;
     signals
         .serve_until_stopped(|| gw.reload_certificates())

@@ -186,6 +186,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
             raft: RaftTuning::default(),
             bootstrap: Some(bootstrap.clone()),
             cache_mib: 32,
+            watchdog: Default::default(),
         };
         write_toml(
             &dir.join(format!("{name}.toml")),
@@ -205,6 +206,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
         tls: issue(&ca, &dir, "gateway", &local_names, Role::Gateway)?,
         nodes: nodes.iter().map(|n| n.addr).collect(),
         limits: Default::default(),
+        watchdog: Default::default(),
     };
     write_toml(
         &dir.join("gateway.toml"),
@@ -289,6 +291,7 @@ pub fn init_node(
         raft: peer.raft,
         bootstrap: None,
         cache_mib: peer.cache_mib,
+        watchdog: peer.watchdog,
     };
     write_toml(
         &path,

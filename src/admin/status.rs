@@ -11,6 +11,11 @@ use std::time::Duration;
 pub struct NodeView {
     pub addr: String,
     pub up: bool,
+    /// "up"; "stalled" (it takes connections but does not answer: its
+    /// watchdog stops it within `stall_secs`); "unreachable" (connecting
+    /// timed out: a partition, or a stalled node's backlog is full); or
+    /// "down" (connection refused: not running).
+    pub health: String,
     pub node_id: u64,
     pub error: Option<String>,
     pub chunk_bytes: u64,
@@ -166,7 +171,19 @@ fn rebalance_view(r: pb::RebalanceStatus) -> Option<RebalanceView> {
     })
 }
 
-/// Asks every node for its status; unreachable nodes are shown as down.
+/// What a node that did not answer its status call is: a new TCP
+/// connection tells a stuck process (the kernel still accepts for it) from
+/// one that is not running (refused) or cut off (no answer at all).
+async fn health_of_silent(addr: std::net::SocketAddr) -> &'static str {
+    match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => "stalled",
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => "down",
+        _ => "unreachable",
+    }
+}
+
+/// Asks every node for its status; nodes that do not answer are shown as
+/// stalled, unreachable or down.
 pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     let pool = Pool::new(&cfg.tls)?;
     let mut nodes = Vec::new();
@@ -194,6 +211,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                 nodes.push(NodeView {
                     addr: addr.to_string(),
                     up: false,
+                    health: health_of_silent(*addr).await.into(),
                     node_id: 0,
                     error: Some(error),
                     chunk_bytes: 0,
@@ -232,6 +250,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
         nodes.push(NodeView {
             addr: addr.to_string(),
             up: true,
+            health: "up".into(),
             node_id: status.node_id,
             error: None,
             chunk_bytes: status.chunk_bytes,
@@ -274,7 +293,7 @@ fn mib(b: u64) -> String {
 pub fn render(view: &ClusterView) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
+        "{:<6} {:<22} {:<11} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
         "NODE", "ADDRESS", "HEALTH", "REPLICAS", "LEADS", "CHUNK BYTES", "CHUNKS", "MISSING", "RSS"
     ));
     for n in &view.nodes {
@@ -284,10 +303,14 @@ pub fn render(view: &ClusterView) -> String {
             "?".into()
         };
         out.push_str(&format!(
-            "{:<6} {:<22} {:<6} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
+            "{:<6} {:<22} {:<11} {:>8} {:>6} {:>12} {:>8} {:>8} {:>10}\n",
             id,
             n.addr,
-            if n.up { "up" } else { "DOWN" },
+            if n.up {
+                n.health.clone()
+            } else {
+                n.health.to_uppercase()
+            },
             n.replicas,
             n.leads,
             mib(n.chunk_bytes),

@@ -21,9 +21,10 @@ use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
 use crate::shard::command::AccessKey;
 use crate::shard::{Command, ShardError, ShardHost};
-use crate::store::Stores;
+use crate::store::{Store, Stores};
 use crate::tls::ReloadableIdentity;
 use crate::types::{now_ms, ShardId};
+use crate::watchdog::Watchdog;
 use anyhow::Context;
 use chunks::Chunks;
 use objects::Objects;
@@ -58,6 +59,28 @@ impl RunningNode {
     /// The certificate the node serves now (DER).
     pub fn certificate(&self) -> Vec<u8> {
         self.identity.certificate()
+    }
+
+    /// Puts the node's runtime and storage under `dog`: the state store,
+    /// the meta store and the log fsync each take one small write a tick.
+    pub fn watch(&self, dog: &Watchdog) {
+        dog.watch_runtime();
+        let stores = self.host.stores();
+        let state = stores.state.clone();
+        dog.watch("the state store (a write did not finish)", move || {
+            let state = state.clone();
+            async move { Ok(state.blocking(probe_write).await?) }
+        });
+        let meta = stores.meta;
+        dog.watch("the meta store (a write did not finish)", move || {
+            let meta = meta.clone();
+            async move { Ok(meta.blocking(probe_write).await?) }
+        });
+        let flusher = self.host.flusher.clone();
+        dog.watch("the log fsync (an fsync did not finish)", move || {
+            let flusher = flusher.clone();
+            async move { Ok(flusher.sync_log().await?) }
+        });
     }
 
     /// Stops serving and shuts every Raft down.
@@ -162,6 +185,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         identity,
         pool,
     })
+}
+
+/// The watchdog's store probe: one tiny write to a space of its own.
+fn probe_write(store: &Store) -> crate::store::Result<()> {
+    let mut b = crate::store::Batch::default();
+    b.insert(
+        b"probe".to_vec(),
+        crate::types::now_ms().to_be_bytes().to_vec(),
+    );
+    store.apply("watchdog", b)
 }
 
 /// Creates the bootstrap tenant, key and bucket once the meta shard has a
