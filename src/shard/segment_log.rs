@@ -54,8 +54,11 @@ struct Inner {
     active: (u64, Arc<File>, u64),
     /// Every segment still on disk.
     files: BTreeMap<u64, Arc<File>>,
-    /// Closed segments not yet fsynced.
-    unsynced: Vec<Arc<File>>,
+    /// Why the log can take no more writes: a failed write could not be
+    /// cut back, or an fsync failed (after which the kernel may have
+    /// dropped the unwritten pages, so nothing written since the last good
+    /// fsync can be trusted). The node must restart and replay.
+    broken: Option<String>,
     /// Live entries per shard.
     index: HashMap<ShardId, BTreeMap<u64, Loc>>,
     /// Per segment, the highest index each shard wrote to it.
@@ -98,7 +101,7 @@ impl SegmentLog {
         let mut inner = Inner {
             active: (0, Arc::new(open_segment(dir, 0)?), 0),
             files: BTreeMap::new(),
-            unsynced: Vec::new(),
+            broken: None,
             index: HashMap::new(),
             reach: BTreeMap::new(),
             purged: HashMap::new(),
@@ -130,6 +133,7 @@ impl SegmentLog {
     /// next [`SegmentLog::sync`].
     pub fn append(&self, shard: ShardId, entries: &[(u64, Vec<u8>)]) -> std::io::Result<()> {
         let mut inner = self.lock();
+        inner.usable()?;
         let mut buf = Vec::new();
         let mut locs = Vec::with_capacity(entries.len());
         let (segment, _, start) = inner.active.clone();
@@ -147,8 +151,7 @@ impl SegmentLog {
                 },
             ));
         }
-        inner.active.1.as_ref().write_all(&buf)?;
-        inner.active.2 += buf.len() as u64;
+        inner.write_active(&buf)?;
         let log = inner.index.entry(shard).or_default();
         for (index, loc) in locs {
             // An append at `index` replaces whatever followed it.
@@ -170,12 +173,19 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Closes the active segment and starts the next. The old one is on
+    /// disk before the new one exists: at start-up only the last segment
+    /// may end in a torn record, so a torn record in an older one would
+    /// stop the node.
     fn rotate(&self, inner: &mut Inner) -> std::io::Result<()> {
+        if let Err(e) = inner.active.1.sync_data() {
+            inner.broken = Some(format!("fsync of a full segment failed: {e}"));
+            return Err(e);
+        }
         let next = inner.active.0 + 1;
         let file = Arc::new(open_segment(&self.dir, next)?);
         File::open(&self.dir)?.sync_all()?;
-        let old = std::mem::replace(&mut inner.active, (next, file.clone(), 0));
-        inner.unsynced.push(old.1);
+        inner.active = (next, file.clone(), 0);
         inner.files.insert(next, file);
         Ok(())
     }
@@ -183,10 +193,10 @@ impl SegmentLog {
     /// Drops `shard`'s entries from `from` on, durably after the next sync.
     pub fn truncate(&self, shard: ShardId, from: u64) -> std::io::Result<()> {
         let mut inner = self.lock();
+        inner.usable()?;
         let mut buf = Vec::new();
         encode(&mut buf, KIND_TRUNCATE, shard, from, &[0; 32], &[]);
-        inner.active.1.as_ref().write_all(&buf)?;
-        inner.active.2 += buf.len() as u64;
+        inner.write_active(&buf)?;
         if let Some(log) = inner.index.get_mut(&shard) {
             let _ = log.split_off(&from);
         }
@@ -252,16 +262,46 @@ impl SegmentLog {
         found.map(|(loc, file)| read_at(&file, &loc)).transpose()
     }
 
-    /// Makes every append and truncation so far durable.
+    /// Makes every append and truncation so far durable (closed segments
+    /// were synced when they were closed).
     pub fn sync(&self) -> std::io::Result<()> {
-        let (active, closed) = {
-            let mut inner = self.lock();
-            (inner.active.1.clone(), std::mem::take(&mut inner.unsynced))
+        let active = {
+            let inner = self.lock();
+            inner.usable()?;
+            inner.active.1.clone()
         };
-        for f in closed {
-            f.sync_data()?;
+        active.sync_data().inspect_err(|e| {
+            self.lock().broken = Some(format!("fsync failed: {e}"));
+        })
+    }
+}
+
+impl Inner {
+    fn usable(&self) -> std::io::Result<()> {
+        match &self.broken {
+            Some(why) => Err(std::io::Error::other(format!(
+                "the Raft log takes no more writes ({why}); the node must restart"
+            ))),
+            None => Ok(()),
         }
-        active.sync_data()
+    }
+
+    /// Appends `buf` to the active segment. A write that fails part way
+    /// (a full disk, EIO) is cut back to the last whole record, so later
+    /// records start where the index says; if even that fails, the log is
+    /// broken.
+    fn write_active(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let (file, len) = (self.active.1.clone(), self.active.2);
+        if let Err(e) = file.as_ref().write_all(buf) {
+            if let Err(cut) = file.set_len(len) {
+                self.broken = Some(format!(
+                    "a write failed ({e}) and cutting it back failed too ({cut})"
+                ));
+            }
+            return Err(e);
+        }
+        self.active.2 += buf.len() as u64;
+        Ok(())
     }
 }
 
