@@ -62,7 +62,8 @@ impl RunningNode {
     }
 
     /// Puts the node's runtime and storage under `dog`: the state store,
-    /// the meta store and the log fsync each take one small write a tick.
+    /// the meta store and the log fsync each take one small write a tick,
+    /// and every replica's Raft must still run.
     pub fn watch(&self, dog: &Watchdog) {
         dog.watch_runtime();
         let stores = self.host.stores();
@@ -80,6 +81,18 @@ impl RunningNode {
         dog.watch("the log fsync (an fsync did not finish)", move || {
             let flusher = flusher.clone();
             async move { Ok(flusher.sync_log().await?) }
+        });
+        // openraft stops a replica for good on a storage error; the node
+        // restarts to recover it from its log and its peers.
+        let host = self.host.clone();
+        dog.watch("a shard's Raft (it stopped on a fatal error)", move || {
+            let stopped = host.stopped_replica();
+            async move {
+                match stopped {
+                    Some((shard, e)) => anyhow::bail!("shard {shard}: {e}"),
+                    None => Ok(()),
+                }
+            }
         });
     }
 

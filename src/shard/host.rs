@@ -605,6 +605,23 @@ impl ShardHost {
             .await?
     }
 
+    /// The first local replica whose Raft has stopped on a fatal error
+    /// (a storage failure, most likely), with the error.
+    pub fn stopped_replica(&self) -> Option<(ShardId, String)> {
+        let replicas: Vec<(ShardId, Arc<Replica>)> = self
+            .replicas
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(s, r)| (*s, r.clone()))
+            .collect();
+        replicas.into_iter().find_map(|(shard, r)| {
+            let m = r.raft.metrics();
+            let stopped = m.borrow().running_state.clone().err();
+            stopped.map(|e| (shard, e.to_string()))
+        })
+    }
+
     /// A snapshot of every local replica's Raft view, for `admin status`.
     pub fn status(&self) -> Vec<pb::ShardStatus> {
         self.local_shards()
