@@ -129,6 +129,23 @@ pub struct NodeConfig {
     pub cache_mib: u64,
     #[serde(default)]
     pub watchdog: WatchdogConfig,
+    #[serde(default)]
+    pub space: SpaceConfig,
+}
+
+/// `[space]`: the free space a node keeps on its data disk (see `space`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpaceConfig {
+    /// Below this many MiB free the node takes no new data (507
+    /// InsufficientStorage); below half of it its Raft log appends wait.
+    pub reserve_mib: u64,
+}
+
+impl Default for SpaceConfig {
+    fn default() -> Self {
+        SpaceConfig { reserve_mib: 1024 }
+    }
 }
 
 /// `[watchdog]`: when a stuck process stops itself (see `watchdog`).

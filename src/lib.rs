@@ -8,6 +8,7 @@
 //!   coordinator that chunks bodies and commits manifests.
 //! - [`shard`]: Raft groups (openraft) with their log and state machine.
 //! - [`store`]: the state store (redb) behind the shards' state machines.
+//! - [`space`]: the reserve of free disk space a node keeps.
 //! - [`chunk`]: content-addressed chunk files, verified on every read.
 //! - [`crypto`]: tenant keys, the master keyring, sealing data at rest.
 //! - [`placement`]: which shard holds what, and which nodes hold a shard.
@@ -26,6 +27,7 @@ pub mod placement;
 pub mod rpc;
 pub mod s3;
 pub mod shard;
+pub mod space;
 pub mod store;
 pub mod tls;
 pub mod types;

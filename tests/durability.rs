@@ -148,7 +148,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     let back = Instant::now();
     loop {
         let view = status(&admin).await;
-        if view.nodes.iter().all(|n| n.up) && shards_behind(&admin, leader, &view).await.is_empty()
+        if view.nodes.iter().all(|n| n.up)
+            && common::shards_behind(&admin, leader, &view)
+                .await
+                .is_empty()
         {
             println!("node {leader} back and caught up in {:?}", back.elapsed());
             break;
@@ -182,7 +185,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         let view = status(&admin).await;
         let up = view.nodes.iter().all(|n| n.up);
         let missing: Vec<u64> = view.nodes.iter().map(|n| n.chunks_missing).collect();
-        let behind = shards_behind(&admin, laggard, &view).await;
+        let behind = common::shards_behind(&admin, laggard, &view).await;
         if up && behind.is_empty() && missing.iter().all(|m| *m == 0) {
             let chunks: Vec<u64> = view.nodes.iter().map(|n| n.chunk_count).collect();
             println!(
@@ -215,29 +218,4 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     for (key, seed, len) in acked {
         common::assert_reads_back(&c, "demo", &key, seed, len).await;
     }
-}
-
-/// The shards whose state on node `id` is behind what the cluster applied.
-async fn shards_behind(
-    admin: &AdminConfig,
-    id: usize,
-    view: &lumbung::admin::status::ClusterView,
-) -> Vec<u32> {
-    let pool = lumbung::rpc::Pool::new(&admin.tls).unwrap();
-    let mut client = pool.client(admin.nodes[id - 1]).unwrap();
-    let Ok(status) = client.status(lumbung::rpc::pb::Empty {}).await else {
-        return vec![u32::MAX];
-    };
-    let applied: std::collections::HashMap<u32, u64> = status
-        .into_inner()
-        .shards
-        .iter()
-        .map(|s| (s.shard, s.last_applied))
-        .collect();
-    view.shards
-        .iter()
-        .filter(|s| s.voters.contains(&(id as u64)))
-        .filter(|s| applied.get(&s.shard).copied().unwrap_or(0) < s.last_applied)
-        .map(|s| s.shard)
-        .collect()
 }

@@ -187,6 +187,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
             bootstrap: Some(bootstrap.clone()),
             cache_mib: 32,
             watchdog: Default::default(),
+            space: Default::default(),
         };
         write_toml(
             &dir.join(format!("{name}.toml")),
@@ -292,6 +293,7 @@ pub fn init_node(
         bootstrap: None,
         cache_mib: peer.cache_mib,
         watchdog: peer.watchdog,
+        space: peer.space,
     };
     write_toml(
         &path,

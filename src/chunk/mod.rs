@@ -11,11 +11,13 @@ mod missing;
 
 pub use missing::Missing;
 
+use crate::space::SpaceGuard;
 use crate::types::ChunkId;
 use bytes::Bytes;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -23,6 +25,9 @@ pub enum ChunkError {
     Mismatch(ChunkId),
     #[error("chunk store I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The disk is below its reserve (see `space`).
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// The chunk files of one node.
@@ -31,6 +36,8 @@ pub struct ChunkStore {
     /// Totals for `admin status`.
     bytes: AtomicU64,
     count: AtomicU64,
+    /// When set, writes are refused while the disk is below its reserve.
+    space: Option<Arc<SpaceGuard>>,
 }
 
 /// Opens a folder for fsync.
@@ -65,7 +72,14 @@ impl ChunkStore {
             dir: dir.to_path_buf(),
             bytes: AtomicU64::new(bytes),
             count: AtomicU64::new(count),
+            space: None,
         })
+    }
+
+    /// Refuses writes while `space` is below its reserve.
+    pub fn with_space(mut self, space: Arc<SpaceGuard>) -> ChunkStore {
+        self.space = Some(space);
+        self
     }
 
     fn path(&self, id: &ChunkId) -> PathBuf {
@@ -88,6 +102,11 @@ impl ChunkStore {
     /// Stores `data` under `id` durably, after checking that it hashes to
     /// `id`. Storing a chunk that is already here is a no-op.
     pub async fn put_verified(&self, id: ChunkId, data: Bytes) -> Result<(), ChunkError> {
+        if let Some(why) = self.space.as_ref().and_then(|s| s.refusal()) {
+            if !self.contains(&id) {
+                return Err(ChunkError::NoSpace(why));
+            }
+        }
         let path = self.path(&id);
         let result = tokio::task::spawn_blocking(move || -> Result<bool, ChunkError> {
             if ChunkId::of(&data) != id {
@@ -97,11 +116,18 @@ impl ChunkStore {
                 return Ok(false);
             }
             let tmp = path.with_extension(format!("{}.tmp", rand::random::<u32>()));
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(path.parent().expect("chunk paths have a folder"))?;
+            let written = (|| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                sync_dir(path.parent().expect("chunk paths have a folder"))
+            })();
+            if written.is_err() {
+                // A full disk, most likely: do not leave half a chunk.
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?;
             Ok(true)
         })
         .await

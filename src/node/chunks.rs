@@ -2,7 +2,7 @@
 //! counts as stored once a majority have fsynced it; reads take the first
 //! replica whose copy verifies.
 
-use crate::chunk::{ChunkStore, Missing};
+use crate::chunk::{ChunkError, ChunkStore, Missing};
 use crate::rpc::{error_of, pb};
 use crate::shard::command::ChunkSpan;
 use crate::shard::{Command, ShardError, ShardHost};
@@ -53,7 +53,7 @@ impl Chunks {
                 async move { (node, write.await) }
             })
             .collect();
-        let (mut ok, mut failed) = (0, Vec::new());
+        let (mut ok, mut failed, mut full) = (0, Vec::new(), None);
         while let Some((node, r)) = writes.next().await {
             let voter = voters.contains(&node);
             match r
@@ -62,7 +62,12 @@ impl Chunks {
             {
                 Ok(()) if voter => ok += 1,
                 Ok(()) => {}
-                Err(e) if voter => failed.push(e.to_string()),
+                Err(e) if voter => {
+                    if let ShardError::InsufficientStorage(why) = &e {
+                        full = Some(why.clone());
+                    }
+                    failed.push(e.to_string());
+                }
                 Err(_) => {}
             }
             if ok >= needed {
@@ -72,11 +77,16 @@ impl Chunks {
                 break;
             }
         }
-        Err(ShardError::Unavailable(format!(
+        let why = format!(
             "chunk stored on {ok} of {} replicas: {}",
             voters.len(),
             failed.join("; ")
-        )))
+        );
+        // A full disk does not clear up with a retry: say so.
+        Err(match full {
+            Some(_) => ShardError::InsufficientStorage(why),
+            None => ShardError::Unavailable(why),
+        })
     }
 
     async fn put_on(&self, node: u64, id: ChunkId, data: Bytes) -> Result<(), ShardError> {
@@ -85,7 +95,10 @@ impl Chunks {
                 .store
                 .put_verified(id, data)
                 .await
-                .map_err(|e| ShardError::Unavailable(e.to_string()));
+                .map_err(|e| match e {
+                    ChunkError::NoSpace(why) => ShardError::InsufficientStorage(why),
+                    e => ShardError::Unavailable(e.to_string()),
+                });
         }
         let mut client = self.client_for(node)?;
         let msg = pb::Chunk {

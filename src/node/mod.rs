@@ -20,7 +20,9 @@ use crate::crypto::tenant_keys::wrap_dek;
 use crate::crypto::Key;
 use crate::rpc::{pb, Pool, MAX_MESSAGE};
 use crate::shard::command::AccessKey;
+use crate::shard::host::Disk;
 use crate::shard::{Command, ShardError, ShardHost};
+use crate::space::SpaceGuard;
 use crate::store::{Store, Stores};
 use crate::tls::ReloadableIdentity;
 use crate::types::{now_ms, ShardId};
@@ -126,7 +128,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let stores = Stores::open(&cfg.data_dir.join("state"), (cfg.cache_mib as usize) << 20)
         .with_context(|| format!("opening the state store in {}", cfg.data_dir.display()))?;
     let master = Arc::new(MasterKeys::load(&cfg.master_key_file)?);
-    let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?);
+    let space = SpaceGuard::start(&cfg.data_dir, cfg.space.reserve_mib << 20)
+        .with_context(|| format!("reading the free space of {}", cfg.data_dir.display()))?;
+    let store = Arc::new(ChunkStore::open(&cfg.data_dir.join("chunks"))?.with_space(space.clone()));
     let pool = Arc::new(Pool::new(&cfg.tls)?);
     let identity = ReloadableIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
     let missing = Arc::new(crate::chunk::Missing::new(store.clone()));
@@ -135,8 +139,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             cfg.node_id,
             &cfg.cluster,
             &cfg.raft,
-            &stores,
-            &cfg.data_dir,
+            Disk {
+                stores: &stores,
+                data_dir: &cfg.data_dir,
+                space,
+            },
             pool.clone(),
             missing.clone(),
         )

@@ -4,6 +4,7 @@
 
 use super::objects::{Objects, Target};
 use super::{members, rebalance};
+use crate::chunk::ChunkError;
 use crate::placement::{Layout, Member, MemberState, DEFAULT_CAPACITY};
 use crate::rpc::{error_of, pb, status_of};
 use crate::shard::command::MembershipOp;
@@ -289,7 +290,10 @@ impl Node for NodeService {
             .store
             .put_verified(id, c.data)
             .await
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| match e {
+                ChunkError::NoSpace(why) => status_of(ShardError::InsufficientStorage(why)),
+                e => bad(e.to_string()),
+            })?;
         ok(pb::Empty {})
     }
 

@@ -159,6 +159,12 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
             e.set_status_code(http::StatusCode::FORBIDDEN);
             e
         }
+        ShardError::InsufficientStorage(m) => {
+            // Not one of AWS's codes: 507, as WebDAV and MinIO answer.
+            let mut e = S3Error::with_message(S3ErrorCode::Custom("InsufficientStorage".into()), m);
+            e.set_status_code(http::StatusCode::INSUFFICIENT_STORAGE);
+            e
+        }
         ShardError::NotLeader { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }

@@ -266,6 +266,21 @@ impl Rebalance {
     }
 }
 
+impl Command {
+    /// True for a client write that adds data, which a node whose disk is
+    /// below its reserve refuses to lead (see `space`); deletes, chunk
+    /// records and cluster bookkeeping go on.
+    pub fn adds_data(&self) -> bool {
+        matches!(
+            self,
+            Command::PutObject { .. }
+                | Command::PutPart { .. }
+                | Command::CreateUpload { .. }
+                | Command::CompleteUpload { .. }
+        )
+    }
+}
+
 /// A linearizable read of one shard's state, run on its leader.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Query {
@@ -435,6 +450,10 @@ pub enum ShardError {
     InvalidArgument(String),
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The node's disk is below its reserve (see `space`); never the
+    /// outcome of applying a command.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("the layout changed meanwhile (now at epoch {now}); try again")]
     LayoutChanged { now: u64 },
     #[error("not the leader of this shard")]
@@ -452,7 +471,10 @@ impl ShardError {
     pub fn is_deterministic(&self) -> bool {
         !matches!(
             self,
-            ShardError::NotLeader { .. } | ShardError::Unavailable(_) | ShardError::Internal(_)
+            ShardError::NotLeader { .. }
+                | ShardError::Unavailable(_)
+                | ShardError::Internal(_)
+                | ShardError::InsufficientStorage(_)
         )
     }
 }

@@ -18,6 +18,7 @@ use super::Raft;
 use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
 use crate::rpc::{error_of, pb, Pool};
+use crate::space::SpaceGuard;
 use crate::store::{Batch, Store, Stores};
 use crate::types::{ChunkId, NodeId, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
@@ -57,6 +58,9 @@ struct Opener {
     chunk_refs: super::state_machine::ChunkRefs,
     /// Log entries kept behind a snapshot (see `log_keeper`).
     log_tail: u64,
+    /// The data disk's free space: writes that add data are refused, and
+    /// log appends wait, when it runs low.
+    space: Arc<SpaceGuard>,
 }
 
 /// The shards of this node.
@@ -89,15 +93,23 @@ enum Call<'a> {
     Membership(&'a MembershipOp),
 }
 
+/// Where a node keeps its shards.
+pub struct Disk<'a> {
+    /// The state and meta stores.
+    pub stores: &'a Stores,
+    /// Holds the segment log (`raftlog/`) and snapshot files.
+    pub data_dir: &'a std::path::Path,
+    /// The data disk's free space.
+    pub space: Arc<SpaceGuard>,
+}
+
 impl ShardHost {
     /// Opens (or creates) every replica this node holds and starts its Raft.
-    /// `data_dir` holds the segment log (`raftlog/`) and snapshot files.
     pub async fn start(
         id: NodeId,
         spec: &ClusterSpec,
         tuning: &RaftTuning,
-        stores: &Stores,
-        data_dir: &std::path::Path,
+        disk: Disk<'_>,
         pool: Arc<Pool>,
         chunk_refs: super::state_machine::ChunkRefs,
     ) -> anyhow::Result<ShardHost> {
@@ -118,6 +130,11 @@ impl ShardHost {
             }
             .validate()?,
         );
+        let Disk {
+            stores,
+            data_dir,
+            space,
+        } = disk;
         let log = Arc::new(SegmentLog::open(&data_dir.join("raftlog"))?);
         let snapshots = data_dir.join("snapshots");
         std::fs::create_dir_all(&snapshots)?;
@@ -143,6 +160,7 @@ impl ShardHost {
                 snapshots,
                 chunk_refs,
                 log_tail: tuning.snapshot_every / 10,
+                space,
             },
             pool,
             hints: Mutex::new(HashMap::new()),
@@ -164,7 +182,14 @@ impl ShardHost {
             shard,
             pool: self.pool.clone(),
         };
-        let log_store = LogStore::open(&o.meta, o.log.clone(), shard, self.flusher.clone()).await?;
+        let log_store = LogStore::open(
+            &o.meta,
+            o.log.clone(),
+            shard,
+            self.flusher.clone(),
+            o.space.clone(),
+        )
+        .await?;
         let sm = StateMachine::new(
             shard,
             o.state.clone(),
@@ -469,6 +494,11 @@ impl ShardHost {
         let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
+        if cmd.adds_data() {
+            if let Some(why) = self.opener.space.refusal() {
+                return Err(ShardError::InsufficientStorage(why));
+            }
+        }
         let _speaking = r.quiet.read().await;
         match tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone())).await {
             Err(_) => Err(ShardError::Unavailable(format!(
@@ -541,6 +571,10 @@ impl ShardHost {
     /// stand; its up-to-date log wins the vote. Held-back calls then go on
     /// and find the new leader.
     async fn hand_over(&self, shard: ShardId, r: &Replica, node: NodeId) -> Result<(), ShardError> {
+        if node == self.id {
+            // Already there: going quiet would only hand it to someone else.
+            return Ok(());
+        }
         let addr = self
             .addr_of(node)
             .ok_or_else(|| ShardError::InvalidArgument(format!("unknown node {node}")))?;

@@ -14,6 +14,7 @@
 use super::flusher::Flusher;
 use super::segment_log::SegmentLog;
 use super::TypeConfig;
+use crate::space::SpaceGuard;
 use crate::store::{Batch, Store};
 use crate::types::{NodeId, ShardId};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -34,6 +35,8 @@ pub struct LogStore {
     store: Store,
     space: String,
     flusher: Flusher,
+    /// The data disk's free space: appends wait while it is critical.
+    disk: Arc<SpaceGuard>,
     /// When the committed id was last written: it changes on every commit,
     /// and is worth at most one store write a second (see save_committed).
     committed_written: Option<std::time::Instant>,
@@ -68,6 +71,7 @@ impl LogStore {
         log: Arc<SegmentLog>,
         shard: ShardId,
         flusher: Flusher,
+        disk: Arc<SpaceGuard>,
     ) -> anyhow::Result<LogStore> {
         let store = LogStore {
             shard,
@@ -75,6 +79,7 @@ impl LogStore {
             store: store.clone(),
             space: space_of(shard),
             flusher,
+            disk,
             committed_written: None,
         };
         // Entries up to the purge point may still sit in older segments.
@@ -238,6 +243,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 (e.log_id.index, bytes)
             })
             .collect();
+        // On a nearly full disk the replica falls behind rather than fail:
+        // a failed append would stop it for good.
+        self.disk.wait_for_room().await;
         let shard = self.shard;
         self.on_log(move |log| log.append(shard, &encoded))
             .await

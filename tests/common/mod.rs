@@ -197,3 +197,28 @@ pub fn status<E>(
 ) -> u16 {
     err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0)
 }
+
+/// The shards whose state on node `id` is behind what the cluster applied.
+pub async fn shards_behind(
+    admin: &lumbung::config::AdminConfig,
+    id: usize,
+    view: &lumbung::admin::status::ClusterView,
+) -> Vec<u32> {
+    let pool = lumbung::rpc::Pool::new(&admin.tls).unwrap();
+    let mut client = pool.client(admin.nodes[id - 1]).unwrap();
+    let Ok(status) = client.status(lumbung::rpc::pb::Empty {}).await else {
+        return vec![u32::MAX];
+    };
+    let applied: std::collections::HashMap<u32, u64> = status
+        .into_inner()
+        .shards
+        .iter()
+        .map(|s| (s.shard, s.last_applied))
+        .collect();
+    view.shards
+        .iter()
+        .filter(|s| s.voters.contains(&(id as u64)))
+        .filter(|s| applied.get(&s.shard).copied().unwrap_or(0) < s.last_applied)
+        .map(|s| s.shard)
+        .collect()
+}
