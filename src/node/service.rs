@@ -281,16 +281,14 @@ impl Node for NodeService {
         ok(count)
     }
 
-    async fn put_chunk(&self, req: Request<pb::Chunk>) -> Rpc<pb::Empty> {
-        let c = req.into_inner();
-        let id = ChunkId::from_slice(&c.id).ok_or_else(|| bad("chunk id must be 32 bytes"))?;
-        self.objects
+    async fn put_chunk(&self, req: Request<pb::ChunkWrite>) -> Rpc<pb::ChunkStored> {
+        let epoch = self
+            .objects
             .chunks
-            .store
-            .put_verified(id, c.data)
+            .accept(req.into_inner())
             .await
-            .map_err(|e| bad(e.to_string()))?;
-        ok(pb::Empty {})
+            .map_err(status_of)?;
+        ok(pb::ChunkStored { epoch })
     }
 
     async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Rpc<pb::Chunk> {

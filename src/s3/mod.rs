@@ -159,7 +159,7 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
             e.set_status_code(http::StatusCode::FORBIDDEN);
             e
         }
-        ShardError::NotLeader { .. } | ShardError::Unavailable(_) => {
+        ShardError::NotLeader { .. } | ShardError::NotHolder { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }
         // Layout changes come from the admin, never from an S3 request.

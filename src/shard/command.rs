@@ -439,6 +439,11 @@ pub enum ShardError {
     LayoutChanged { now: u64 },
     #[error("not the leader of this shard")]
     NotLeader { leader: Option<u64> },
+    /// A chunk sent to a node whose layout does not list it as a holder of
+    /// the chunk's shard (it was moved away, or the sender's layout is
+    /// older or newer than the receiver's).
+    #[error("node {node} does not hold shard {shard} in its layout (epoch {epoch})")]
+    NotHolder { node: u64, shard: u32, epoch: u64 },
     #[error("shard unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -452,7 +457,10 @@ impl ShardError {
     pub fn is_deterministic(&self) -> bool {
         !matches!(
             self,
-            ShardError::NotLeader { .. } | ShardError::Unavailable(_) | ShardError::Internal(_)
+            ShardError::NotLeader { .. }
+                | ShardError::NotHolder { .. }
+                | ShardError::Unavailable(_)
+                | ShardError::Internal(_)
         )
     }
 }
