@@ -159,6 +159,10 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
             e.set_status_code(http::StatusCode::FORBIDDEN);
             e
         }
+        ShardError::PreconditionFailed => s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
+        ),
         ShardError::NotLeader { .. } | ShardError::NotHolder { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }
