@@ -48,6 +48,36 @@ impl fmt::Debug for ChunkId {
     }
 }
 
+/// Names one client request that writes (an object, or a bucket): chosen
+/// at random once per request by the node coordinating it and stored with
+/// what the request made, so the same request applied again (a proposal
+/// retried after a timeout or a leader change) is recognised and answered
+/// as the first time instead of being refused or done twice.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WriteId(pub u128);
+
+impl WriteId {
+    /// A fresh id; 128 random bits never collide in practice.
+    pub fn random() -> WriteId {
+        WriteId(rand::random())
+    }
+
+    /// The id in 16 bytes (big-endian), as the internal RPC carries it.
+    pub fn from_slice(bytes: &[u8]) -> Option<WriteId> {
+        Some(WriteId(u128::from_be_bytes(bytes.try_into().ok()?)))
+    }
+
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl fmt::Debug for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriteId({:032x})", self.0)
+    }
+}
+
 /// Milliseconds since the Unix epoch, as stamped by the coordinating node.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

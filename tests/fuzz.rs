@@ -123,6 +123,8 @@ fn decode_everything(bytes: &[u8]) {
         pb::ShardReply,
         pb::Chunk,
         pb::ChunkRef,
+        pb::ChunkWrite,
+        pb::ChunkStored,
         pb::AccessKeyRequest,
         pb::TenantRequest,
         pb::BucketRequest,

@@ -41,6 +41,7 @@ fn bucket(name: &str) -> pb::BucketRequest {
     pb::BucketRequest {
         tenant: "demo".into(),
         bucket: name.into(),
+        ..Default::default()
     }
 }
 

@@ -253,7 +253,10 @@ async fn bootstrap_once(objects: &Objects, b: &Bootstrap) -> Result<(), ShardErr
         },
     };
     host.propose(ShardId::META, &key).await?;
-    match objects.create_bucket(&b.tenant, &b.bucket).await {
+    match objects
+        .create_bucket(&b.tenant, &b.bucket, crate::types::WriteId::random())
+        .await
+    {
         Ok(()) | Err(ShardError::BucketExists) => Ok(()),
         Err(e) => Err(e),
     }

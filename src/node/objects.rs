@@ -18,11 +18,11 @@ use super::keys::KeyCache;
 use crate::crypto::tenant_keys::TenantKeys;
 use crate::crypto::Purpose;
 use crate::shard::command::{
-    decode, encode, Body, ChunkSpan, Limit, ListPage, Manifest, ObjectMeta, Part, Quota, Upload,
-    Usage,
+    decode, encode, Body, ChunkSpan, Limit, ListPage, Manifest, ObjectMeta, Part, Precondition,
+    Quota, Upload, Usage,
 };
 use crate::shard::{Command, Query, ShardError, Value};
-use crate::types::{now_ms, ShardId};
+use crate::types::{now_ms, ShardId, WriteId};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Stream, StreamExt};
 use md5::{Digest, Md5};
@@ -59,6 +59,11 @@ pub struct Target {
     pub user_metadata: BTreeMap<String, String>,
     /// `(upload_id, part_number)` for UploadPart.
     pub part: Option<(String, u32)>,
+    /// Names the request in the manifest, so a retried commit is
+    /// recognised (unused for parts).
+    pub write_id: WriteId,
+    /// What the object being replaced must be (PutObject only).
+    pub precondition: Precondition,
 }
 
 /// Coordinates object operations from this node.
@@ -105,20 +110,17 @@ impl Objects {
     }
 
     /// Opens the index first, then adds the catalogue entry: a crash in
-    /// between leaves an index that a retry adopts.
-    pub async fn create_bucket(&self, tenant: &str, bucket: &str) -> Result<()> {
+    /// between leaves an index that a retry adopts. Both carry `creation`,
+    /// so the same request applied twice (a retried proposal) succeeds
+    /// while another request for the same name is told it exists.
+    pub async fn create_bucket(&self, tenant: &str, bucket: &str, creation: WriteId) -> Result<()> {
         let (t, b) = (tenant.to_string(), bucket.to_string());
-        match self
-            .host()
-            .propose(
-                self.index(tenant, bucket),
-                &Command::OpenIndex {
-                    tenant: t.clone(),
-                    bucket: b.clone(),
-                },
-            )
-            .await
-        {
+        let open = Command::OpenIndex {
+            tenant: t.clone(),
+            bucket: b.clone(),
+            creation: Some(creation),
+        };
+        match self.host().propose(self.index(tenant, bucket), &open).await {
             Ok(_) | Err(ShardError::BucketExists) => {}
             Err(e) => return Err(e),
         }
@@ -126,6 +128,7 @@ impl Objects {
             tenant: t,
             bucket: b,
             created_ms: now_ms(),
+            creation: Some(creation),
         };
         self.host().propose(ShardId::META, &add).await.map(|_| ())
     }
@@ -322,8 +325,10 @@ impl Objects {
                     meta: Self::seal_meta(keys, target.content_type, target.user_metadata),
                     modified_ms,
                     body: data.body,
+                    write_id: Some(target.write_id),
                 },
                 limit,
+                precondition: target.precondition,
             },
         };
         self.host().propose(shard, &cmd).await?;
@@ -347,7 +352,22 @@ impl Objects {
             }
         }
         match &target.part {
-            None => self.head_bucket(&target.tenant, &target.bucket).await,
+            None if target.precondition.is_none() => {
+                self.head_bucket(&target.tenant, &target.bucket).await
+            }
+            // Only to spare the chunk writes of a write bound to fail: the
+            // index shard checks again when it applies the manifest.
+            None => {
+                let current = match self
+                    .manifest(&target.tenant, &target.bucket, &target.key)
+                    .await
+                {
+                    Ok(m) => Some(m),
+                    Err(ShardError::NoSuchKey) => None,
+                    Err(e) => return Err(e),
+                };
+                target.precondition.check(current.as_ref())
+            }
             Some((upload_id, number)) => {
                 if *number == 0 || *number > MAX_PART_NUMBER {
                     return Err(ShardError::InvalidArgument(format!(
@@ -442,13 +462,16 @@ impl Objects {
             .map(|_| ())
     }
 
-    /// Copies an object: chunks are shared, only the manifest is new.
+    /// Copies an object: chunks are shared, only the manifest is new. It
+    /// names `write_id`, not the source's, so a copy onto the source
+    /// itself is a new write and its retry is recognised.
     pub async fn copy(
         &self,
         tenant: &str,
         src: (&str, &str),
         dst: (&str, &str),
         replace: Option<(String, BTreeMap<String, String>)>,
+        write_id: WriteId,
     ) -> Result<(String, u64, i64)> {
         let mut manifest = self.manifest(tenant, src.0, src.1).await?;
         if let Some((content_type, user_metadata)) = replace {
@@ -456,6 +479,7 @@ impl Objects {
             manifest.meta = Self::seal_meta(&keys, content_type, user_metadata);
         }
         manifest.modified_ms = now_ms();
+        manifest.write_id = Some(write_id);
         let reply = (manifest.etag.clone(), manifest.size, manifest.modified_ms);
         let cmd = Command::PutObject {
             tenant: tenant.to_string(),
@@ -463,6 +487,7 @@ impl Objects {
             key: dst.1.to_string(),
             manifest,
             limit: self.limit_for(tenant, dst.0).await?,
+            precondition: Precondition::default(),
         };
         self.host().propose(self.index(tenant, dst.0), &cmd).await?;
         Ok(reply)
@@ -537,14 +562,17 @@ impl Objects {
         }
     }
 
+    /// Completes an upload as the object `write_id` names, if
+    /// `precondition` holds; a retry of the same request that already
+    /// committed answers the object it made.
     pub async fn complete_upload(
         &self,
-        tenant: &str,
-        bucket: &str,
-        key: &str,
-        upload_id: &str,
+        upload: (&str, &str, &str, &str),
         parts: Vec<(u32, String)>,
+        write_id: WriteId,
+        precondition: Precondition,
     ) -> Result<Manifest> {
+        let (tenant, bucket, key, upload_id) = upload;
         let cmd = Command::CompleteUpload {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
@@ -553,6 +581,8 @@ impl Objects {
             parts,
             modified_ms: now_ms(),
             limit: self.limit_for(tenant, bucket).await?,
+            write_id: Some(write_id),
+            precondition,
         };
         match self
             .host()

@@ -4,14 +4,13 @@
 
 use super::objects::{Objects, Target};
 use super::{members, rebalance};
-use crate::chunk::ChunkError;
 use crate::placement::{Layout, Member, MemberState, DEFAULT_CAPACITY};
 use crate::rpc::{error_of, pb, status_of};
 use crate::shard::command::MembershipOp;
-use crate::shard::command::{Manifest, ObjectMeta};
+use crate::shard::command::{ETagMatch, Manifest, ObjectMeta, Precondition};
 use crate::shard::command::{Rebalance, RebalanceState};
 use crate::shard::{decode, encode, Command, Query, ShardError};
-use crate::types::{ChunkId, ShardId};
+use crate::types::{ChunkId, ShardId, WriteId};
 use bytes::Bytes;
 use futures::stream::StreamExt;
 use pb::node_server::Node;
@@ -101,6 +100,29 @@ fn rebalance_status(r: Option<&Rebalance>) -> pb::RebalanceStatus {
         rate: r.rate,
         cancel: r.cancel,
         updated_ms: r.updated_ms,
+    }
+}
+
+/// The id a request names for itself, or a fresh one when it names none
+/// (the node is then the first to see the request).
+fn write_id_of(bytes: &[u8]) -> Result<WriteId, Status> {
+    if bytes.is_empty() {
+        return Ok(WriteId::random());
+    }
+    WriteId::from_slice(bytes).ok_or_else(|| bad("write_id must be 16 bytes"))
+}
+
+/// A conditional write's `If-Match` and `If-None-Match` as the wire
+/// carries them: `*`, an ETag, or empty for none.
+fn precondition_of(if_match: &str, if_none_match: &str) -> Precondition {
+    let one = |v: &str| match v.trim().trim_matches('"') {
+        "" => None,
+        "*" => Some(ETagMatch::Any),
+        etag => Some(ETagMatch::ETag(etag.to_string())),
+    };
+    Precondition {
+        if_match: one(if_match),
+        if_none_match: one(if_none_match),
     }
 }
 
@@ -282,19 +304,14 @@ impl Node for NodeService {
         ok(count)
     }
 
-    async fn put_chunk(&self, req: Request<pb::Chunk>) -> Rpc<pb::Empty> {
-        let c = req.into_inner();
-        let id = ChunkId::from_slice(&c.id).ok_or_else(|| bad("chunk id must be 32 bytes"))?;
-        self.objects
+    async fn put_chunk(&self, req: Request<pb::ChunkWrite>) -> Rpc<pb::ChunkStored> {
+        let epoch = self
+            .objects
             .chunks
-            .store
-            .put_verified(id, c.data)
+            .accept(req.into_inner())
             .await
-            .map_err(|e| match e {
-                ChunkError::NoSpace(why) => status_of(ShardError::InsufficientStorage(why)),
-                e => bad(e.to_string()),
-            })?;
-        ok(pb::Empty {})
+            .map_err(status_of)?;
+        ok(pb::ChunkStored { epoch })
     }
 
     async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Rpc<pb::Chunk> {
@@ -343,8 +360,9 @@ impl Node for NodeService {
 
     async fn create_bucket(&self, req: Request<pb::BucketRequest>) -> Rpc<pb::Empty> {
         let r = req.into_inner();
+        let creation = write_id_of(&r.write_id)?;
         self.objects
-            .create_bucket(&r.tenant, &r.bucket)
+            .create_bucket(&r.tenant, &r.bucket, creation)
             .await
             .map_err(status_of)?;
         ok(pb::Empty {})
@@ -378,6 +396,11 @@ impl Node for NodeService {
         };
         let part =
             (!header.upload_id.is_empty()).then(|| (header.upload_id.clone(), header.part_number));
+        // S3 takes no conditions on UploadPart.
+        let precondition = match part {
+            None => precondition_of(&header.if_match, &header.if_none_match),
+            Some(_) => Precondition::default(),
+        };
         let target = Target {
             tenant: header.tenant,
             bucket: header.bucket,
@@ -385,6 +408,8 @@ impl Node for NodeService {
             content_type: header.content_type,
             user_metadata: header.user_metadata.into_iter().collect(),
             part,
+            write_id: WriteId::random(),
+            precondition,
         };
         let commit = Arc::new(std::sync::Mutex::new(None));
         let body = body_of(frames, commit.clone());
@@ -503,6 +528,7 @@ impl Node for NodeService {
 
     async fn copy_object(&self, req: Request<pb::CopyRequest>) -> Rpc<pb::PutReply> {
         let r = req.into_inner();
+        let write_id = write_id_of(&r.write_id)?;
         let (etag, size, modified_ms) = if r.upload_id.is_empty() {
             let replace = r.replace_metadata.then(|| {
                 (
@@ -516,6 +542,7 @@ impl Node for NodeService {
                     (&r.src_bucket, &r.src_key),
                     (&r.dst_bucket, &r.dst_key),
                     replace,
+                    write_id,
                 )
                 .await
                 .map_err(status_of)?
@@ -574,9 +601,12 @@ impl Node for NodeService {
             .into_iter()
             .map(|p| (p.part_number, p.etag))
             .collect();
+        let write_id = write_id_of(&r.write_id)?;
+        let precondition = precondition_of(&r.if_match, &r.if_none_match);
+        let upload = (&*r.tenant, &*r.bucket, &*r.key, &*r.upload_id);
         let m = self
             .objects
-            .complete_upload(&r.tenant, &r.bucket, &r.key, &r.upload_id, parts)
+            .complete_upload(upload, parts, write_id, precondition)
             .await
             .map_err(status_of)?;
         ok(pb::PutReply {
@@ -948,6 +978,8 @@ impl NodeService {
             content_type: String::new(),
             user_metadata: Default::default(),
             part: Some((r.upload_id, r.part_number)),
+            write_id: WriteId::random(),
+            precondition: Precondition::default(),
         };
         let keys = self.objects.tenant_keys(&target.tenant, None).await?;
         let check = self.objects.check_target(&target, Some(end - start));

@@ -38,14 +38,21 @@ impl S3Front {
         }))
     }
 
-    async fn bucket_call<F, Fut>(&self, tenant: String, bucket: String, f: F) -> S3Result<()>
+    async fn bucket_call<F, Fut>(&self, request: pb::BucketRequest, f: F) -> S3Result<()>
     where
         F: Fn(crate::rpc::NodeClient, pb::BucketRequest) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<pb::Empty>, tonic::Status>>,
     {
-        self.call(pb::BucketRequest { tenant, bucket }, f)
-            .await
-            .map(|_| ())
+        self.call(request, f).await.map(|_| ())
+    }
+
+    /// A request about one bucket of `tenant`.
+    fn bucket_request(tenant: String, bucket: &str) -> pb::BucketRequest {
+        pb::BucketRequest {
+            tenant,
+            bucket: bucket.to_string(),
+            ..Default::default()
+        }
     }
 
     pub(super) async fn op_create_bucket(
@@ -54,10 +61,13 @@ impl S3Front {
     ) -> S3Result<S3Response<CreateBucketOutput>> {
         let tenant = self.tenant(&req).await?;
         let bucket = req.input.bucket.clone();
-        self.bucket_call(tenant, bucket.clone(), |mut c, r| async move {
-            c.create_bucket(r).await
-        })
-        .await?;
+        // Named once here, so a retry on another node is the same request.
+        let request = pb::BucketRequest {
+            write_id: super::put::write_id(),
+            ..Self::bucket_request(tenant, &bucket)
+        };
+        self.bucket_call(request, |mut c, r| async move { c.create_bucket(r).await })
+            .await?;
         Ok(S3Response::new(CreateBucketOutput {
             location: Some(format!("/{bucket}")),
         }))
@@ -68,10 +78,9 @@ impl S3Front {
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
         let tenant = self.tenant(&req).await?;
-        self.bucket_call(tenant, req.input.bucket.clone(), |mut c, r| async move {
-            c.head_bucket(r).await
-        })
-        .await?;
+        let request = Self::bucket_request(tenant, &req.input.bucket);
+        self.bucket_call(request, |mut c, r| async move { c.head_bucket(r).await })
+            .await?;
         Ok(S3Response::new(HeadBucketOutput::default()))
     }
 
@@ -80,10 +89,9 @@ impl S3Front {
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         let tenant = self.tenant(&req).await?;
-        self.bucket_call(tenant, req.input.bucket.clone(), |mut c, r| async move {
-            c.delete_bucket(r).await
-        })
-        .await?;
+        let request = Self::bucket_request(tenant, &req.input.bucket);
+        self.bucket_call(request, |mut c, r| async move { c.delete_bucket(r).await })
+            .await?;
         Ok(S3Response::new(DeleteBucketOutput::default()))
     }
 
@@ -92,10 +100,9 @@ impl S3Front {
         req: S3Request<GetBucketLocationInput>,
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         let tenant = self.tenant(&req).await?;
-        self.bucket_call(tenant, req.input.bucket.clone(), |mut c, r| async move {
-            c.head_bucket(r).await
-        })
-        .await?;
+        let request = Self::bucket_request(tenant, &req.input.bucket);
+        self.bucket_call(request, |mut c, r| async move { c.head_bucket(r).await })
+            .await?;
         Ok(S3Response::new(GetBucketLocationOutput::default()))
     }
 }

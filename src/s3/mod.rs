@@ -165,7 +165,11 @@ pub fn s3_error_of(status: &tonic::Status) -> S3Error {
             e.set_status_code(http::StatusCode::INSUFFICIENT_STORAGE);
             e
         }
-        ShardError::NotLeader { .. } | ShardError::Unavailable(_) => {
+        ShardError::PreconditionFailed => s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
+        ),
+        ShardError::NotLeader { .. } | ShardError::NotHolder { .. } | ShardError::Unavailable(_) => {
             s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
         }
         // Layout changes come from the admin, never from an S3 request.

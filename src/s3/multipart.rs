@@ -1,7 +1,7 @@
 //! Multipart uploads: Create, UploadPart, UploadPartCopy, Complete, Abort,
 //! ListParts, ListMultipartUploads.
 
-use super::put::{trailer_of, Announced};
+use super::put::{condition, trailer_of, write_id, Announced};
 use super::{etag, timestamp, S3Front};
 use crate::rpc::pb;
 use s3s::dto::*;
@@ -78,6 +78,7 @@ impl S3Front {
             upload_id: i.upload_id,
             part_number: part_number(i.part_number)?,
             declared_size: i.content_length.and_then(|n| u64::try_from(n).ok()),
+            ..Default::default()
         };
         let announced = Announced {
             content_md5: i.content_md5,
@@ -166,6 +167,9 @@ impl S3Front {
             key: i.key.clone(),
             upload_id: i.upload_id,
             parts,
+            if_match: condition(i.if_match),
+            if_none_match: condition(i.if_none_match),
+            write_id: write_id(),
         };
         let reply = self
             .call(

@@ -1,6 +1,6 @@
 //! PutObject, GetObject, HeadObject, DeleteObject(s), CopyObject.
 
-use super::put::{trailer_of, Announced};
+use super::put::{condition, trailer_of, write_id, Announced};
 use super::{etag, s3_error_of, timestamp, S3Front};
 use crate::rpc::pb;
 use futures::StreamExt;
@@ -88,6 +88,8 @@ impl S3Front {
             upload_id: String::new(),
             part_number: 0,
             declared_size: input.content_length.and_then(|n| u64::try_from(n).ok()),
+            if_match: condition(input.if_match),
+            if_none_match: condition(input.if_none_match),
         };
         let announced = Announced {
             content_md5: input.content_md5,
@@ -316,6 +318,7 @@ impl S3Front {
                 .unwrap_or_default()
                 .into_iter()
                 .collect::<HashMap<_, _>>(),
+            write_id: write_id(),
             ..Default::default()
         };
         let reply = self

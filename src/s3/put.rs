@@ -12,7 +12,7 @@ use base64::Engine;
 use bytes::BytesMut;
 use futures::StreamExt;
 use s3s::checksum::ChecksumHasher;
-use s3s::dto::{ChecksumAlgorithm, StreamingBlob};
+use s3s::dto::{ChecksumAlgorithm, ETagCondition, StreamingBlob};
 use s3s::{s3_error, S3Error, S3Result, TrailingHeaders};
 
 /// Bytes per data frame sent to the node.
@@ -35,6 +35,23 @@ pub(super) struct Announced {
     pub sha256: Option<String>,
     /// The `x-amz-trailer` header: names a checksum sent after the body.
     pub trailer: Option<String>,
+}
+
+/// A conditional write's `If-Match` or `If-None-Match` as the internal
+/// RPC carries it: `*`, an unquoted ETag, or empty for none.
+pub(super) fn condition(c: Option<ETagCondition>) -> String {
+    match c {
+        None => String::new(),
+        Some(ETagCondition::Any) => "*".into(),
+        Some(ETagCondition::ETag(e)) => e.value().to_string(),
+    }
+}
+
+/// A fresh id naming one client request that writes, so that the node
+/// that applies it recognises the request when the gateway sends it again
+/// (to another node, after the first could not be reached).
+pub(super) fn write_id() -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&crate::types::WriteId::random().to_bytes())
 }
 
 /// The `x-amz-trailer` header of a request, naming a trailing checksum.

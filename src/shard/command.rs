@@ -6,7 +6,7 @@
 
 use crate::crypto::tenant_keys::WrappedDek;
 use crate::placement::Layout;
-use crate::types::ChunkId;
+use crate::types::{ChunkId, WriteId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -50,6 +50,68 @@ pub struct Manifest {
     pub meta: Vec<u8>,
     pub modified_ms: i64,
     pub body: Body,
+    /// The request that wrote this version: applying a write with the same
+    /// id again answers as the first time and changes nothing. `None` in
+    /// manifests written before ids existed.
+    #[serde(default)]
+    pub write_id: Option<WriteId>,
+}
+
+/// An ETag a conditional write names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ETagMatch {
+    /// `*`: any current object.
+    Any,
+    /// One ETag, unquoted.
+    ETag(String),
+}
+
+impl ETagMatch {
+    fn matches(&self, current: &Manifest) -> bool {
+        match self {
+            ETagMatch::Any => true,
+            ETagMatch::ETag(e) => *e == current.etag,
+        }
+    }
+}
+
+/// What a conditional write (S3's `If-Match` / `If-None-Match` on
+/// PutObject and CompleteMultipartUpload) requires of the object it would
+/// replace. The index shard checks it when it applies the write, so no
+/// other write can slip in between the check and the write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Precondition {
+    /// The object must exist and, unless `Any`, carry this ETag.
+    #[serde(default)]
+    pub if_match: Option<ETagMatch>,
+    /// The object must not exist (`Any`), or must not carry this ETag.
+    #[serde(default)]
+    pub if_none_match: Option<ETagMatch>,
+}
+
+impl Precondition {
+    /// True when there is nothing to check.
+    pub fn is_none(&self) -> bool {
+        self.if_match.is_none() && self.if_none_match.is_none()
+    }
+
+    /// Checks the precondition against the object stored now. As AWS S3
+    /// answers: `If-Match` on a missing key is `NoSuchKey` (404); any other
+    /// failure is `PreconditionFailed` (412).
+    pub fn check(&self, current: Option<&Manifest>) -> Result<(), ShardError> {
+        if let Some(wanted) = &self.if_match {
+            let current = current.ok_or(ShardError::NoSuchKey)?;
+            if !wanted.matches(current) {
+                return Err(ShardError::PreconditionFailed);
+            }
+        }
+        if let (Some(unwanted), Some(current)) = (&self.if_none_match, current) {
+            if unwanted.matches(current) {
+                return Err(ShardError::PreconditionFailed);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A multipart upload between Create and Complete/Abort.
@@ -105,6 +167,26 @@ pub struct Limit {
     pub elsewhere: Usage,
 }
 
+/// A bucket in its tenant's catalogue (meta shard, `B` records). Records
+/// written before creation ids existed are a bare `created_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub created_ms: i64,
+    /// The CreateBucket request that made it: the same request again
+    /// succeeds, any other is told the bucket exists.
+    #[serde(default)]
+    pub creation: Option<WriteId>,
+}
+
+/// A bucket's object index (index shard, `I` records). Records written
+/// before creation ids existed are empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRecord {
+    /// The CreateBucket request that opened it (see [`BucketRecord`]).
+    #[serde(default)]
+    pub creation: Option<WriteId>,
+}
+
 /// An access key and the tenant it authenticates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessKey {
@@ -158,19 +240,30 @@ pub enum Command {
     PutAccessKey { access_key: String, key: AccessKey },
     /// Meta shard: revoke an access key; fails with NoSuchAccessKey.
     RevokeAccessKey { access_key: String },
-    /// Meta shard: add a bucket to its tenant's catalogue.
+    /// Meta shard: add a bucket to its tenant's catalogue; fails with
+    /// BucketExists unless it is there from the same `creation`.
     AddBucket {
         tenant: String,
         bucket: String,
         created_ms: i64,
+        #[serde(default)]
+        creation: Option<WriteId>,
     },
     /// Meta shard: drop a bucket from the catalogue.
     RemoveBucket { tenant: String, bucket: String },
-    /// Index shard: open an empty object index; fails if it exists.
-    OpenIndex { tenant: String, bucket: String },
+    /// Index shard: open an empty object index; fails with BucketExists
+    /// unless it was opened by the same `creation`.
+    OpenIndex {
+        tenant: String,
+        bucket: String,
+        #[serde(default)]
+        creation: Option<WriteId>,
+    },
     /// Index shard: close an index; fails with BucketNotEmpty unless empty.
     CloseIndex { tenant: String, bucket: String },
-    /// Index shard: make `manifest` the current version of `key`.
+    /// Index shard: make `manifest` the current version of `key`, if
+    /// `precondition` holds. Done already when the stored version has the
+    /// manifest's `write_id` (a retry): answers success, changes nothing.
     PutObject {
         tenant: String,
         bucket: String,
@@ -178,6 +271,8 @@ pub enum Command {
         manifest: Manifest,
         /// Set when the tenant has a quota.
         limit: Option<Limit>,
+        #[serde(default)]
+        precondition: Precondition,
     },
     /// Index shard: remove `key` (no error when missing, as in S3).
     DeleteObject {
@@ -199,7 +294,9 @@ pub enum Command {
         part: Part,
         limit: Option<Limit>,
     },
-    /// Index shard: turn the named parts into the object, atomically.
+    /// Index shard: turn the named parts into the object, atomically, if
+    /// `precondition` holds. Done already when the stored object has this
+    /// `write_id` (a retry): answers that object, changes nothing.
     CompleteUpload {
         tenant: String,
         bucket: String,
@@ -208,6 +305,10 @@ pub enum Command {
         parts: Vec<(u32, String)>,
         modified_ms: i64,
         limit: Option<Limit>,
+        #[serde(default)]
+        write_id: Option<WriteId>,
+        #[serde(default)]
+        precondition: Precondition,
     },
     AbortUpload {
         tenant: String,
@@ -456,8 +557,16 @@ pub enum ShardError {
     InsufficientStorage(String),
     #[error("the layout changed meanwhile (now at epoch {now}); try again")]
     LayoutChanged { now: u64 },
+    /// A conditional write whose `If-Match` / `If-None-Match` did not hold.
+    #[error("at least one of the preconditions you specified did not hold")]
+    PreconditionFailed,
     #[error("not the leader of this shard")]
     NotLeader { leader: Option<u64> },
+    /// A chunk sent to a node whose layout does not list it as a holder of
+    /// the chunk's shard (it was moved away, or the sender's layout is
+    /// older or newer than the receiver's).
+    #[error("node {node} does not hold shard {shard} in its layout (epoch {epoch})")]
+    NotHolder { node: u64, shard: u32, epoch: u64 },
     #[error("shard unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -472,6 +581,7 @@ impl ShardError {
         !matches!(
             self,
             ShardError::NotLeader { .. }
+                | ShardError::NotHolder { .. }
                 | ShardError::Unavailable(_)
                 | ShardError::Internal(_)
                 | ShardError::InsufficientStorage(_)
