@@ -6,11 +6,18 @@
 #
 #   benches/run.sh              # all figures (a few minutes)
 #   SECONDS_PER_PHASE=10 benches/run.sh
+#   PHASES="small" SMALL_OBJECT_SECONDS=120 benches/run.sh   # some phases:
+#       five-gib (one 5 GiB upload), small (4 KiB PUT), both (4 KiB PUT
+#       then GET), large (64 MiB PUT then GET)
+#   FEATURES=engine-comparison LUMBUNG_STORE_ENGINE=fjall benches/run.sh
+#       # the nodes keep their state in fjall (or sled), to compare engines
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SECONDS_PER_PHASE:-20}
 
-cargo build --release --bin lumbung
+phases=${PHASES:-five-gib small both large}
+has() { [[ " $phases " == *" $1 "* ]]; }
+cargo build --release --bin lumbung ${FEATURES:+--features "$FEATURES"}
 cargo bench --bench load --no-run
 load=(cargo bench --bench load --)
 
@@ -43,6 +50,7 @@ run() {
 }
 
 # Memory of one 5 GiB upload, on the fresh cluster: peak minus before.
+if has five-gib; then
 before=(); for p in "${pids[@]}"; do before+=("$(awk '/VmRSS/ {print $2}' /proc/$p/status)"); done
 echo "== head -c 5GiB /dev/urandom | aws s3 cp - s3://\$S3_BUCKET/five-gib (multipart, streamed)"
 start=$(date +%s)
@@ -57,9 +65,9 @@ for p in "${pids[@]}"; do
   printf '%s: rss before %s kB, peak %s kB, added %s MiB\n' "${names[$i]}" "${before[$i]}" "$peak" $(( (peak - before[i]) / 1024 ))
   i=$((i + 1))
 done
+fi
 
 # Memory after storing about 100,000 small objects.
-run --size 4KiB --concurrency 64 --seconds "${SMALL_OBJECT_SECONDS:-70}" --op put
-
-run --size 4KiB --concurrency 64 --seconds "$secs"
-run --size 64MiB --concurrency 4 --seconds "$secs"
+if has small; then run --size 4KiB --concurrency 64 --seconds "${SMALL_OBJECT_SECONDS:-70}" --op put; fi
+if has both; then run --size 4KiB --concurrency 64 --seconds "$secs"; fi
+if has large; then run --size 64MiB --concurrency 4 --seconds "$secs"; fi

@@ -51,6 +51,17 @@ struct Args {
     keys_per_shard: u64,
     #[arg(long, default_value_t = 4096)]
     value_bytes: usize,
+    /// Every Nth object is 64 KiB (the largest inline body); 0: none.
+    #[arg(long, default_value_t = 0)]
+    large_every: u64,
+    /// Every Nth entry deletes an object instead; 0: none. Overwrites and
+    /// deletes free pages, which is what sled's deadlock needs.
+    #[arg(long, default_value_t = 0)]
+    delete_every: u64,
+    /// One store for votes and state machines, as Lumbung used sled, or
+    /// two (state and meta), as it uses redb.
+    #[arg(long, default_value = "two", value_parser = ["one", "two"])]
+    stores: String,
     /// Threads applying entries (a node's blocking pool runs many).
     #[arg(long, default_value_t = 8)]
     appliers: usize,
@@ -163,7 +174,8 @@ fn apply_entry(store: &Store, args: &Args, rng: &mut Rng, seq: u64, work: &Work)
     let shard = 1 + rng.below(args.shards as u64 - 1);
     let space = format!("sm/{shard}");
     let n = rng.below(args.keys_per_shard);
-    let mut value = vec![0u8; args.value_bytes];
+    let large = args.large_every > 0 && seq.is_multiple_of(args.large_every);
+    let mut value = vec![0u8; if large { 64 << 10 } else { args.value_bytes }];
     value[..8].copy_from_slice(&seq.to_le_bytes());
     store
         .write(&space, |w| {
@@ -175,6 +187,8 @@ fn apply_entry(store: &Store, args: &Args, rng: &mut Rng, seq: u64, work: &Work)
                     k.extend_from_slice(id.as_bytes());
                     b.insert(k, 4_194_304u64.to_le_bytes().to_vec());
                 }
+            } else if args.delete_every > 0 && seq.is_multiple_of(args.delete_every) {
+                b.remove(object_key(n));
             } else {
                 let key = object_key(n);
                 if w.get(&key)?.is_none() {
@@ -337,9 +351,13 @@ fn main() {
             tmp.path().to_path_buf()
         }
     };
+    let state = open(&args.engine, &dir, "state", args.cache_mib << 20);
     let stores = Stores {
-        state: open(&args.engine, &dir, "state", args.cache_mib << 20),
-        meta: open(&args.engine, &dir, "meta", 8 << 20),
+        meta: match args.stores.as_str() {
+            "one" => state.clone(),
+            _ => open(&args.engine, &dir, "meta", 8 << 20),
+        },
+        state,
     };
     let work = Arc::new(Work {
         apply: Kind::default(),
@@ -351,15 +369,19 @@ fn main() {
         stop: AtomicBool::new(false),
     });
     println!(
-        "engine={} shards={} appliers={} committers={} readers={} persist meta every {}ms, state every {}ms, value={}B cache={}MiB dir={}",
+        "engine={} stores={} shards={} keys/shard={} appliers={} committers={} readers={} persist meta every {}ms, state every {}ms, value={}B large-every={} delete-every={} cache={}MiB dir={}",
         args.engine,
+        args.stores,
         args.shards,
+        args.keys_per_shard,
         args.appliers,
         args.committers,
         args.readers,
         args.meta_persist_ms,
         args.state_persist_ms,
         args.value_bytes,
+        args.large_every,
+        args.delete_every,
         args.cache_mib,
         dir.display()
     );

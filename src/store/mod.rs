@@ -189,7 +189,31 @@ impl Store {
     /// Opens (or creates) the store in the file `path` with a page cache
     /// of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
+        #[cfg(feature = "engine-comparison")]
+        if let Some(store) = Store::open_candidate(path, cache_bytes)? {
+            return Ok(store);
+        }
         Ok(Store::with_engine(Redb::open(path, cache_bytes)?))
+    }
+
+    /// In `engine-comparison` builds, the engine `LUMBUNG_STORE_ENGINE`
+    /// names (sled or fjall) instead of redb, in a folder beside `path`,
+    /// so the load bench can compare them in real nodes.
+    #[cfg(feature = "engine-comparison")]
+    fn open_candidate(path: &Path, cache_bytes: usize) -> Result<Option<Store>> {
+        let dir = path.with_extension("");
+        match std::env::var("LUMBUNG_STORE_ENGINE").as_deref() {
+            Ok("sled") => Ok(Some(Store::with_engine(sled::Sled::open(
+                &dir,
+                cache_bytes,
+            )?))),
+            Ok("fjall") => Ok(Some(Store::with_engine(fjall::Fjall::open(
+                &dir,
+                cache_bytes,
+            )?))),
+            Ok("redb") | Err(_) => Ok(None),
+            Ok(other) => Err(StoreError(format!("unknown LUMBUNG_STORE_ENGINE {other}"))),
+        }
     }
 
     pub fn with_engine(engine: impl Engine) -> Store {
