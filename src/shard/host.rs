@@ -79,6 +79,40 @@ pub struct ShardHost {
     /// the layout probably gave it one, so it should look now.
     layout_stale: tokio::sync::Notify,
     pub flusher: Flusher,
+    /// Where every replica's Raft runs: its own threads, so heartbeats,
+    /// votes and replication never queue behind request work (TLS, hashing,
+    /// sealing) on the node's main runtime.
+    raft_runtime: RaftRuntime,
+}
+
+/// A tokio runtime for the Raft cores, shut down without blocking when
+/// the host goes (it may be dropped inside another runtime).
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn start() -> std::io::Result<RaftRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lumbung-raft")
+            .enable_all()
+            .build()?;
+        Ok(RaftRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the Raft runtime lives as long as the host")
+            .handle()
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Where the node keeps the newest layout it has seen: key `layout` of
@@ -166,6 +200,7 @@ impl ShardHost {
             hints: Mutex::new(HashMap::new()),
             layout_stale: tokio::sync::Notify::new(),
             flusher,
+            raft_runtime: RaftRuntime::start()?,
         };
         for shard in layout.shards_of(id) {
             host.open(shard).await?;
@@ -198,7 +233,12 @@ impl ShardHost {
             o.snapshots.clone(),
         );
         sm.finish_interrupted_install().await?;
-        let raft = Raft::new(self.id, o.config.clone(), network, log_store, sm).await?;
+        // openraft spawns a replica's tasks on the runtime that creates it.
+        let raft = self
+            .raft_runtime
+            .handle()
+            .spawn(Raft::new(self.id, o.config.clone(), network, log_store, sm))
+            .await??;
         tokio::spawn(super::log_keeper::run(raft.clone(), o.log_tail));
         let replica = Replica {
             raft,
