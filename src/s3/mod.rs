@@ -1,14 +1,16 @@
 //! The S3 operations: each turns one s3s request into internal RPCs.
 //!
 //! One file per family: buckets, objects, listings, multipart uploads.
-//! Under them: `retry` decides which failed calls are tried again, and
-//! `errors` maps every failure to its S3 error once.
+//! Under them: `retry` decides which failed calls are tried again,
+//! `errors` maps every failure to its S3 error once, and `get` keeps
+//! a GetObject's stream going through broken connections.
 //! Every call is bound to the tenant of the access key that signed it;
 //! bucket names are looked up only inside that tenant, so another
 //! tenant's bucket answers exactly like a missing one.
 
 mod bucket;
 mod errors;
+mod get;
 mod list;
 mod multipart;
 mod object;
