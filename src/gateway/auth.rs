@@ -74,8 +74,9 @@ impl KeyCache {
                 }
             }
         }
+        // Transient: 503 SlowDown, which clients retry.
         Err(s3_error!(
-            ServiceUnavailable,
+            SlowDown,
             "could not look up the access key: {}",
             last_err
                 .map(|s| s.message().to_string())

@@ -249,7 +249,7 @@ async fn handle(
         .check_address(peer)
         .and_then(|()| limits::check_head(&req, limits));
     if let Err(refusal) = refused {
-        return Ok(refusal.into_response());
+        return Ok(with_retry_after(refusal.into_response()));
     }
     let rules = BodyRules {
         max_bytes: limits.max_body_bytes,
@@ -264,7 +264,27 @@ async fn handle(
         // in rclone) treat a HEAD answer with data as a protocol error.
         *response.body_mut() = s3s::Body::empty();
     }
-    Ok(response)
+    Ok(with_retry_after(response))
+}
+
+/// How long a client told to slow down is asked to wait.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Adds `Retry-After` to every 503 (SlowDown: an overload, a busy shard, an
+/// internal call that failed), so clients that honour it back off.
+///
+/// Here rather than on the `S3Error`: s3s 0.14 can carry headers on an
+/// error (`S3Error::set_headers`), but its serializer then replaces the
+/// response's headers with them, Content-Type included; and this one place
+/// also covers the refusals the gateway writes itself.
+fn with_retry_after<B>(mut response: http::Response<B>) -> http::Response<B> {
+    if response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .entry(http::header::RETRY_AFTER)
+            .or_insert(http::HeaderValue::from_static(RETRY_AFTER_SECS));
+    }
+    response
 }
 
 /// s3s wants to own its auth; share the cache with the S3 handlers.
@@ -276,5 +296,29 @@ impl s3s::auth::S3Auth for KeyCacheAuth {
         Ok(s3s::auth::SecretKey::from(
             self.0.lookup(access_key).await?.secret,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_503_and_only_a_503_says_when_to_retry() {
+        let answer = |status: http::StatusCode| {
+            let mut r = http::Response::new(());
+            *r.status_mut() = status;
+            with_retry_after(r)
+        };
+        let slow = answer(http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(slow.headers()[http::header::RETRY_AFTER], "1");
+        for other in [
+            http::StatusCode::OK,
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            assert!(!answer(other)
+                .headers()
+                .contains_key(http::header::RETRY_AFTER));
+        }
     }
 }

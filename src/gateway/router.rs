@@ -15,7 +15,7 @@
 
 use crate::config::TlsFiles;
 use crate::placement::bucket_shard;
-use crate::rpc::{pb, NodeClient, Pool};
+use crate::rpc::{client_of, pb, NodeChannel, NodeClient, Pool};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -161,42 +161,62 @@ impl NodeRouter {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn channel(&self, i: usize) -> NodeChannel {
+        self.pool
+            .channel(self.nodes[i])
+            .expect("node addresses were parsed at start-up")
+    }
+
     fn client(&self, i: usize) -> (usize, NodeClient) {
-        let client = self
-            .pool
-            .client(self.nodes[i])
-            .expect("node addresses were parsed at start-up");
-        (i, client)
+        (i, client_of(self.channel(i)))
+    }
+
+    /// The node for a request: the leader of `bucket`'s index shard when it
+    /// is usable, else the usable nodes in turn. Never `avoid` while another
+    /// node is usable, so a retry goes elsewhere.
+    fn choose(&self, bucket: Option<(&str, &str)>, avoid: Option<usize>) -> usize {
+        let table = self.table();
+        let mut candidates = table.candidates(Instant::now());
+        if candidates.len() > 1 {
+            candidates.retain(|&i| Some(i) != avoid);
+        }
+        let leader = bucket
+            .filter(|_| table.shards != 0)
+            .and_then(|(tenant, bucket)| {
+                table
+                    .leaders
+                    .get(&bucket_shard(table.shards, tenant, bucket).0)
+            })
+            .map(|&(i, _)| i)
+            .filter(|i| candidates.contains(i));
+        leader.unwrap_or_else(|| {
+            let turn = self.next.fetch_add(1, Ordering::Relaxed);
+            candidates[turn % candidates.len()]
+        })
     }
 
     /// A node for a request that concerns no bucket in particular: the
     /// usable nodes in turn.
     pub fn pick(&self) -> (usize, NodeClient) {
-        let candidates = self.table().candidates(Instant::now());
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        self.client(candidates[turn % candidates.len()])
+        self.client(self.choose(None, None))
     }
 
     /// The node for a request on `bucket` of `tenant`: the leader of the
     /// bucket's shard when it is usable, else as [`pick`](Self::pick).
     pub fn pick_for_bucket(&self, tenant: &str, bucket: &str) -> (usize, NodeClient) {
-        let leader = {
-            let table = self.table();
-            if table.shards == 0 {
-                None
-            } else {
-                let shard = bucket_shard(table.shards, tenant, bucket).0;
-                table
-                    .leaders
-                    .get(&shard)
-                    .map(|&(i, _)| i)
-                    .filter(|i| table.candidates(Instant::now()).contains(i))
-            }
-        };
-        match leader {
-            Some(i) => self.client(i),
-            None => self.pick(),
-        }
+        self.client(self.choose(Some((tenant, bucket)), None))
+    }
+
+    /// A connection for one attempt of a call, chosen as by
+    /// [`pick_for_bucket`](Self::pick_for_bucket) (or [`pick`](Self::pick)
+    /// without a bucket) but avoiding node `avoid` when another is usable.
+    pub fn channel_for(
+        &self,
+        bucket: Option<(&str, &str)>,
+        avoid: Option<usize>,
+    ) -> (usize, NodeChannel) {
+        let i = self.choose(bucket, avoid);
+        (i, self.channel(i))
     }
 
     /// Records that a call to node `i` reached it.

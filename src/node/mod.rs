@@ -171,9 +171,23 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         crate::tls::rpc_server_config(&cfg.tls.ca, identity.clone())?,
     );
     let router = tonic::transport::Server::builder()
+        // Pings find a dead peer in seconds; one late ack on a busy
+        // machine (10 s) is not yet a dead peer.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // A 4 MiB chunk per stream, four per connection, in one round trip.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // Bounds the calls one connection has in the node (past it callers
+        // queue at home), with room for a Raft message per shard of a
+        // 256-shard cluster or a gateway at full concurrency.
+        .max_concurrent_streams(Some(1024))
+        // Calls cancelled before this node accepted them (Raft timeouts
+        // while it is busy) counted to h2's default of 20, then the whole
+        // connection was torn down with GOAWAY. Peers hold cluster
+        // certificates, so this guard against rapid-reset floods can be
+        // as wide as the stream limit.
+        .http2_max_pending_accept_reset_streams(Some(1024))
         .layer(access::RoleCheckLayer)
         .add_service(service);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -1,24 +1,31 @@
 //! The S3 operations: each turns one s3s request into internal RPCs.
 //!
 //! One file per family: buckets, objects, listings, multipart uploads.
+//! Under them: `retry` decides which failed calls are tried again,
+//! `errors` maps every failure to its S3 error once, and `get` keeps
+//! a GetObject's stream going through broken connections.
 //! Every call is bound to the tenant of the access key that signed it;
 //! bucket names are looked up only inside that tenant, so another
 //! tenant's bucket answers exactly like a missing one.
 
 mod bucket;
+mod errors;
+mod get;
 mod list;
 mod multipart;
 mod object;
 mod put;
+mod retry;
 
 use crate::gateway::auth::KeyCache;
 use crate::gateway::limits::RequestRates;
 use crate::gateway::router::NodeRouter;
-use crate::rpc::{error_of, pb, NodeClient};
-use crate::shard::ShardError;
 use s3s::dto::*;
-use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
+use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 use std::sync::Arc;
+
+pub use errors::s3_error_of;
+use retry::is_unreachable;
 
 /// The gateway's implementation of the S3 API.
 pub struct S3Front {
@@ -45,142 +52,6 @@ impl S3Front {
         let tenant = self.keys.lookup(&creds.access_key).await?.tenant;
         self.rates.check_tenant(&tenant)?;
         Ok(tenant)
-    }
-
-    /// Runs a unary RPC with `request` on the node the router chooses for
-    /// it, retrying on another node when the first could not be reached
-    /// (nothing was done there). Every outcome is reported to the router.
-    async fn call<Req, T, F, Fut>(&self, request: Req, f: F) -> S3Result<T>
-    where
-        Req: Clone + Routed,
-        F: Fn(NodeClient, Req) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let mut last = None;
-        for attempt in 0..self.router.len().min(3) {
-            let (i, client) = match request.bucket() {
-                Some((tenant, bucket)) if attempt == 0 => {
-                    self.router.pick_for_bucket(tenant, bucket)
-                }
-                _ => self.router.pick(),
-            };
-            match f(client, request.clone()).await {
-                Ok(r) => {
-                    self.router.report_success(i);
-                    return Ok(r.into_inner());
-                }
-                Err(s) if is_unreachable(&s) => {
-                    self.router.report_failure(i);
-                    last = Some(s);
-                }
-                Err(s) => {
-                    // The node answered; its answer is about the request.
-                    self.router.report_success(i);
-                    return Err(s3_error_of(&s));
-                }
-            }
-        }
-        Err(s3_error_of(
-            &last.unwrap_or_else(|| tonic::Status::unavailable("no node")),
-        ))
-    }
-}
-
-/// The bucket a request concerns, which decides the node it goes to.
-trait Routed {
-    fn bucket(&self) -> Option<(&str, &str)>;
-}
-
-macro_rules! routed_by {
-    ($field:ident: $($t:ty),*) => {
-        $(impl Routed for $t {
-            fn bucket(&self) -> Option<(&str, &str)> {
-                Some((&self.tenant, &self.$field))
-            }
-        })*
-    };
-}
-
-routed_by!(bucket: pb::BucketRequest, pb::ObjectRequest, pb::ListRequest, pb::CreateUploadRequest,
-    pb::UploadRequest, pb::CompleteRequest, pb::ListPartsRequest, pb::ListUploadsRequest,
-    pb::GetRequest);
-// A copy writes its destination, so it is coordinated there.
-routed_by!(dst_bucket: pb::CopyRequest);
-
-impl Routed for pb::TenantRequest {
-    fn bucket(&self) -> Option<(&str, &str)> {
-        None
-    }
-}
-
-/// A transport failure before the request reached a node's handler.
-fn is_unreachable(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable && s.metadata().get("x-lumbung-error").is_none()
-}
-
-/// Maps a node's answer to S3's error codes, once, here at the edge.
-pub fn s3_error_of(status: &tonic::Status) -> S3Error {
-    match error_of(status) {
-        ShardError::NoSuchBucket => s3_error!(NoSuchBucket, "The specified bucket does not exist"),
-        ShardError::NoSuchKey => s3_error!(NoSuchKey, "The specified key does not exist."),
-        ShardError::BucketNotEmpty => {
-            s3_error!(BucketNotEmpty, "The bucket you tried to delete is not empty")
-        }
-        ShardError::BucketExists => s3_error!(
-            BucketAlreadyOwnedByYou,
-            "Your previous request to create the named bucket succeeded and you already own it."
-        ),
-        ShardError::NoSuchUpload => s3_error!(
-            NoSuchUpload,
-            "The specified multipart upload does not exist. The upload ID might be invalid, or the multipart upload might have been aborted or completed."
-        ),
-        ShardError::InvalidPart(m) => s3_error!(InvalidPart, "{m}"),
-        ShardError::TenantExists
-        | ShardError::TenantBeingDeleted
-        | ShardError::NoSuchTenant
-        | ShardError::NoSuchAccessKey => {
-            s3_error!(AccessDenied, "Access Denied")
-        }
-        ShardError::InvalidPartOrder => s3_error!(
-            InvalidPartOrder,
-            "The list of parts was not in ascending order. Parts must be ordered by part number."
-        ),
-        ShardError::EntityTooSmall(m) => s3_error!(EntityTooSmall, "{m}"),
-        ShardError::BadDigest => s3_error!(
-            BadDigest,
-            "The Content-MD5 you specified did not match what we received."
-        ),
-        ShardError::InvalidRange => s3_error!(InvalidRange, "The requested range is not satisfiable"),
-        ShardError::InvalidArgument(m) => s3_error!(InvalidArgument, "{m}"),
-        ShardError::QuotaExceeded(m) => {
-            // Not one of AWS's codes: AWS has no storage quotas. 403, as
-            // MinIO and Ceph answer when a quota is full.
-            let mut e = S3Error::with_message(S3ErrorCode::Custom("QuotaExceeded".into()), m);
-            e.set_status_code(http::StatusCode::FORBIDDEN);
-            e
-        }
-        ShardError::InsufficientStorage(m) => {
-            // Not one of AWS's codes: 507, as WebDAV and MinIO answer.
-            let mut e = S3Error::with_message(S3ErrorCode::Custom("InsufficientStorage".into()), m);
-            e.set_status_code(http::StatusCode::INSUFFICIENT_STORAGE);
-            e
-        }
-        ShardError::PreconditionFailed => s3_error!(
-            PreconditionFailed,
-            "At least one of the pre-conditions you specified did not hold"
-        ),
-        ShardError::NotLeader { .. } | ShardError::NotHolder { .. } | ShardError::Unavailable(_) => {
-            s3_error!(ServiceUnavailable, "Please reduce your request rate or retry.")
-        }
-        // Layout changes come from the admin, never from an S3 request.
-        e @ ShardError::LayoutChanged { .. } => {
-            tracing::error!("unexpected: {e}");
-            s3_error!(InternalError, "We encountered an internal error. Please try again.")
-        }
-        ShardError::Internal(m) => {
-            tracing::error!("internal error: {m}");
-            s3_error!(InternalError, "We encountered an internal error. Please try again.")
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! PutObject, GetObject, HeadObject, DeleteObject(s), CopyObject.
 
 use super::put::{condition, trailer_of, write_id, Announced};
-use super::{etag, s3_error_of, timestamp, S3Front};
+use super::{etag, timestamp, S3Front};
 use crate::rpc::pb;
 use futures::StreamExt;
 use s3s::dto::*;
@@ -148,25 +148,11 @@ impl S3Front {
             start: range.map(|r| r.0).unwrap_or(0),
             end: range.map(|r| r.1).unwrap_or(0),
         };
-        let mut stream = self
-            .call(request, |mut c, r| async move { c.get_object(r).await })
-            .await?;
-        let info = match stream.next().await {
-            Some(Ok(pb::GetFrame {
-                frame: Some(pb::get_frame::Frame::Info(info)),
-            })) => info,
-            Some(Err(s)) => return Err(s3_error_of(&s)),
-            _ => return Err(s3_error!(InternalError, "the node sent no object info")),
-        };
+        let opened = super::get::open(&self.router, &request).await?;
+        let info = opened.info.clone();
         conditions.check(&info)?;
         let (start, end) = range.unwrap_or((0, info.size));
-        let body = stream.map(|f| match f {
-            Ok(pb::GetFrame {
-                frame: Some(pb::get_frame::Frame::Data(d)),
-            }) => Ok(d),
-            Ok(_) => Err(std::io::Error::other("unexpected frame")),
-            Err(s) => Err(std::io::Error::other(s.message().to_string())),
-        });
+        let body = super::get::body(self.router.clone(), request, opened);
         Ok(S3Response::new(GetObjectOutput {
             body: Some(StreamingBlob::wrap(body)),
             content_length: Some((end - start) as i64),

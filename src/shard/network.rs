@@ -64,9 +64,10 @@ impl Peer {
             .addr
             .parse()
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        // Raft's own connection: heartbeats never wait behind chunks.
         let mut client = self
             .pool
-            .client(addr)
+            .raft_client(addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let msg = pb::RaftMessage {
             shard: self.shard.0,
