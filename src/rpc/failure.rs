@@ -80,6 +80,11 @@ impl Failure {
             }));
         }
         let what = format!("{:?}: {}", status.code(), status.message());
+        if !from_transport(status.code()) {
+            // A handler's own refusal (`Status::not_found` and the like)
+            // or the role check: the node answered, though not in words.
+            return Failure::Answered(ShardError::Internal(what));
+        }
         if never_delivered(status) {
             Failure::NotDelivered(what)
         } else {
@@ -112,6 +117,17 @@ impl Failure {
             Failure::Lost(m) => ShardError::Unavailable(format!("no answer ({m})")),
         }
     }
+}
+
+/// Whether a failed connection, HTTP/2 or tonic itself can produce a
+/// status with this code; any other code without a node's answer came
+/// from a handler (a replica that is not there, a role refused).
+fn from_transport(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | Unknown | Internal | Cancelled | DeadlineExceeded | ResourceExhausted
+    )
 }
 
 /// Whether a status without a node's answer proves the request was never
@@ -177,6 +193,22 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
         )));
         assert!(matches!(Failure::of(&connect), Failure::NotDelivered(_)));
+    }
+
+    #[test]
+    fn a_handlers_own_refusal_is_an_answer_not_a_transport_failure() {
+        // A node without a replica of the shard, or a role it refused:
+        // the caller must not take the node for unreachable.
+        for s in [
+            tonic::Status::not_found("no replica of shard 0 here"),
+            tonic::Status::permission_denied("a gateway certificate may not call Raft"),
+            tonic::Status::invalid_argument("chunk id must be 32 bytes"),
+        ] {
+            assert!(
+                matches!(Failure::of(&s), Failure::Answered(ShardError::Internal(_))),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
