@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use lumbung::admin::node_commands::{self, NodeCommand, RebalanceArgs};
 use lumbung::admin::tenants::{LimitArg, QuotaSpec};
 use lumbung::admin::{self, InitOptions};
 use lumbung::config::{self, AdminConfig, GatewayConfig, NodeConfig};
@@ -111,24 +112,7 @@ enum AdminCommand {
     Node(NodeCommand),
     /// Move replicas so every node holds its share of replicas and bytes;
     /// prints the plan, then follows it with a progress bar.
-    Rebalance {
-        /// Print the plan only.
-        #[arg(long)]
-        dry_run: bool,
-        /// Carry out at most this many moves.
-        #[arg(long)]
-        max_moves: Option<u32>,
-        /// Keep the average copy rate under this many MB/s.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Follow the running rebalance (the cluster continues one by
-        /// itself; this only shows it).
-        #[arg(long, conflicts_with_all = ["dry_run", "cancel"])]
-        resume: bool,
-        /// Stop the running rebalance once its moves under way are done.
-        #[arg(long, conflicts_with = "dry_run")]
-        cancel: bool,
-    },
+    Rebalance(RebalanceArgs),
     /// Tenants: the companies whose data the cluster holds.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -138,36 +122,6 @@ enum AdminCommand {
     /// The cluster's master key.
     #[command(subcommand)]
     Keys(KeysCommand),
-}
-
-#[derive(Subcommand)]
-enum NodeCommand {
-    /// Make a running node (certified by the cluster CA) a member. It
-    /// holds no replicas until a rebalance.
-    Add {
-        /// The node's internal address.
-        addr: std::net::SocketAddr,
-        /// Failure domain (rack, room): replicas of a shard go to distinct
-        /// zones when there are enough.
-        #[arg(long, default_value = "")]
-        zone: String,
-        /// The node's share of data relative to the others (bytes of disk,
-        /// say); default: the same as the first nodes.
-        #[arg(long)]
-        capacity: Option<u64>,
-    },
-    /// Every member with its state, zone, capacity and replica count.
-    List,
-    /// Move every replica off a node (a rebalance, followed to its end);
-    /// it is then drained and can be stopped and removed.
-    Drain { id: u64 },
-    /// Remove a drained node for good; with --dead, a node that is gone,
-    /// whose replicas are re-created elsewhere until every shard is at RF.
-    Remove {
-        id: u64,
-        #[arg(long)]
-        dead: bool,
-    },
 }
 
 #[derive(Subcommand)]
@@ -366,16 +320,9 @@ start it with `lumbung node --config {0}`, then add it with `lumbung admin node 
                 );
             }
         }
-        AdminCommand::Node(cmd) => node(&admin_config(config)?, json, cmd).await?,
-        AdminCommand::Rebalance {
-            dry_run,
-            max_moves,
-            rate,
-            resume,
-            cancel,
-        } => {
-            let cfg = admin_config(config)?;
-            rebalance(&cfg, json, dry_run, max_moves, rate, resume, cancel).await?
+        AdminCommand::Node(cmd) => node_commands::node(&admin_config(config)?, json, cmd).await?,
+        AdminCommand::Rebalance(args) => {
+            node_commands::rebalance(&admin_config(config)?, json, args).await?
         }
         AdminCommand::Status => {
             let cfg = admin_config(config)?;
@@ -391,126 +338,6 @@ start it with `lumbung node --config {0}`, then add it with `lumbung admin node 
         AdminCommand::Keys(cmd) => keys(&admin_config(config)?, json, cmd).await?,
     }
     Ok(())
-}
-
-async fn node(cfg: &AdminConfig, json: bool, cmd: NodeCommand) -> anyhow::Result<()> {
-    let members = match cmd {
-        NodeCommand::Add {
-            addr,
-            zone,
-            capacity,
-        } => admin::nodes::add(cfg, addr, &zone, capacity).await?,
-        NodeCommand::List => admin::nodes::list(cfg).await?,
-        NodeCommand::Drain { id } => {
-            let started = admin::nodes::drain(cfg, id).await?;
-            return follow_rebalance(cfg, json, started).await;
-        }
-        NodeCommand::Remove { id, dead } => {
-            let started = admin::nodes::remove(cfg, id, dead).await?;
-            return follow_rebalance(cfg, json, started).await;
-        }
-    };
-    if json {
-        let list: Vec<_> = members
-            .members
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "node_id": m.node_id, "addr": m.addr, "state": m.state,
-                    "zone": m.zone, "capacity": m.capacity, "replicas": m.replicas,
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({ "epoch": members.epoch, "members": list })
-        );
-    } else {
-        print!("{}", admin::nodes::render(&members));
-    }
-    Ok(())
-}
-
-/// Prints a started rebalance's plan and follows it to its end; fails if
-/// it did not finish.
-async fn follow_rebalance(
-    cfg: &AdminConfig,
-    json: bool,
-    started: lumbung::rpc::pb::RebalanceStatus,
-) -> anyhow::Result<()> {
-    if !started.exists {
-        println!("nothing to move");
-        return Ok(());
-    }
-    if !json {
-        print!("{}", admin::nodes::render_plan(&started));
-    }
-    let end = admin::nodes::watch(cfg, started.id).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({ "id": end.id, "state": end.state, "moves": end.moves.len(), "done": end.done, "bytes_copied": end.bytes_copied })
-        );
-    }
-    if end.state != "done" {
-        anyhow::bail!("the rebalance ended {}", end.state);
-    }
-    Ok(())
-}
-
-async fn rebalance(
-    cfg: &AdminConfig,
-    json: bool,
-    dry_run: bool,
-    max_moves: Option<u32>,
-    rate: Option<f64>,
-    resume: bool,
-    cancel: bool,
-) -> anyhow::Result<()> {
-    use lumbung::rpc::pb;
-    if resume {
-        let running = admin::nodes::progress(cfg).await?;
-        if !running.exists || running.state != "running" {
-            anyhow::bail!("no rebalance is running");
-        }
-        return follow_rebalance(cfg, json, running).await;
-    }
-    if let Some(r) = rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
-        anyhow::bail!("--rate must be a positive number of MB/s (got {r})");
-    }
-    let request = pb::RebalanceRequest {
-        dry_run,
-        max_moves: max_moves.unwrap_or(0),
-        rate: rate.map_or(0, |r| (r * 1e6) as u64),
-        cancel,
-    };
-    let status = admin::nodes::rebalance(cfg, request).await?;
-    if cancel {
-        println!(
-            "the rebalance stops once its moves under way are done ({} of {} done)",
-            status.done,
-            status.moves.len()
-        );
-        return Ok(());
-    }
-    if dry_run {
-        if json {
-            let moves: Vec<_> = status
-                .moves
-                .iter()
-                .map(|m| serde_json::json!({"shard": m.shard, "from": m.from, "to": m.to, "bytes": m.bytes}))
-                .collect();
-            println!("{}", serde_json::json!({ "moves": moves }));
-        } else {
-            print!("{}", admin::nodes::render_plan(&status));
-        }
-        return Ok(());
-    }
-    if status.moves.is_empty() {
-        println!("nothing to move: every node holds its share");
-        return Ok(());
-    }
-    follow_rebalance(cfg, json, status).await
 }
 
 fn admin_config(path: Option<PathBuf>) -> anyhow::Result<AdminConfig> {

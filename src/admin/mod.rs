@@ -3,6 +3,7 @@
 //! members.
 
 pub mod init;
+pub mod node_commands;
 pub mod nodes;
 pub mod status;
 pub mod tenants;
