@@ -119,10 +119,13 @@ mod tests {
             tonic::Status::unavailable("tcp connect error"),
             tonic::Status::cancelled("operation was canceled"),
             tonic::Status::resource_exhausted("too_many_resets"),
-            tonic::Status::permission_denied("wrong role"),
         ] {
             assert_eq!(status_and_code(s3_error_of(&s)), slow, "{s:?}");
         }
+        // The node's role check refusing this gateway's certificate is no
+        // transport failure and no retry mends it: a misconfiguration.
+        let refused = tonic::Status::permission_denied("wrong role");
+        assert_eq!(status_and_code(s3_error_of(&refused)).0, 500);
     }
 
     #[test]
