@@ -368,6 +368,23 @@ impl Rebalance {
 }
 
 impl Command {
+    /// The id of the request this command carries out, and when it was
+    /// made, for commands the state machine applies once per request
+    /// however often they are proposed (see `State::apply_once`).
+    pub fn write_id(&self) -> Option<(WriteId, i64)> {
+        match self {
+            Command::PutObject { manifest, .. } => {
+                manifest.write_id.map(|id| (id, manifest.modified_ms))
+            }
+            Command::CompleteUpload {
+                write_id,
+                modified_ms,
+                ..
+            } => write_id.map(|id| (id, *modified_ms)),
+            _ => None,
+        }
+    }
+
     /// True for a client write that adds data, which a node whose disk is
     /// below its reserve refuses to lead (see `space`); deletes, chunk
     /// records and cluster bookkeeping go on.

@@ -17,7 +17,7 @@ use super::state_machine::{self, StateMachine};
 use super::Raft;
 use crate::config::{ClusterSpec, RaftTuning};
 use crate::placement::Layout;
-use crate::rpc::{error_of, pb, Pool};
+use crate::rpc::{error_of, pb, Failure, Pool};
 use crate::space::SpaceGuard;
 use crate::store::{Batch, Store, Stores};
 use crate::types::{ChunkId, NodeId, ShardId};
@@ -437,24 +437,36 @@ impl ShardHost {
         self.route(shard, Call::Membership(op)).await
     }
 
+    /// Sends `call` to `shard`'s leader, following leader hints and trying
+    /// other replicas until one answers. A proposal whose outcome is
+    /// unknown (not committed in time, the answer lost) is sent again only
+    /// if it carries a write id, which the state machine applies once
+    /// (`State::apply_once`); any other could apply twice, and a delete
+    /// applied again after a later PUT would lose that PUT.
     async fn route(&self, shard: ShardId, call: Call<'_>) -> Reply {
         let members = self.layout().replicas(shard);
         let deadline = Instant::now() + ROUTE_DEADLINE;
         let mut target = self.leader_hint(shard).unwrap_or(members[0]);
+        let repeatable = match &call {
+            Call::Propose(c) => c.write_id().is_some(),
+            Call::Query(_) | Call::Membership(_) => true,
+        };
         let mut attempt = 0usize;
         loop {
-            let result = if target == self.id {
-                match &call {
+            let (result, delivered) = if target == self.id {
+                let result = match &call {
                     Call::Propose(c) => self.propose_here(shard, c).await,
                     Call::Query(q) => self.query_here(shard, q).await,
                     Call::Membership(op) => self.membership_here(shard, op).await,
-                }
+                };
+                (result, true)
             } else {
                 self.call_remote(target, shard, &call).await
             };
             let leader = match &result {
                 Err(ShardError::NotLeader { leader }) => *leader,
-                Err(ShardError::Unavailable(_)) => None,
+                Err(ShardError::Unavailable(_)) if repeatable || !delivered => None,
+                Err(ShardError::Unavailable(_)) => return result,
                 _ => {
                     self.hints
                         .lock()
@@ -505,11 +517,17 @@ impl ShardHost {
             .copied()
     }
 
-    async fn call_remote(&self, target: NodeId, shard: ShardId, call: &Call<'_>) -> Reply {
-        let addr = self
-            .addr_of(target)
-            .ok_or_else(|| ShardError::Internal(format!("unknown node {target}")))?;
-        let mut client = self.pool.client(addr)?;
+    /// Runs `call` on node `target`; also tells whether the call may have
+    /// reached it (false: it certainly did not run there).
+    async fn call_remote(&self, target: NodeId, shard: ShardId, call: &Call<'_>) -> (Reply, bool) {
+        let Some(addr) = self.addr_of(target) else {
+            let unknown = ShardError::Internal(format!("unknown node {target}"));
+            return (Err(unknown), false);
+        };
+        let mut client = match self.pool.client(addr) {
+            Ok(client) => client,
+            Err(e) => return (Err(e.into()), false),
+        };
         let msg = pb::ShardCall {
             shard: shard.0,
             payload: match call {
@@ -524,8 +542,15 @@ impl ShardHost {
             Call::Membership(_) => client.change_membership(msg).await,
         };
         match reply {
-            Ok(r) => decode::<Reply>(&r.into_inner().payload)?,
-            Err(s) => Err(error_of(&s)),
+            Ok(r) => (
+                decode::<Reply>(&r.into_inner().payload).and_then(|r| r),
+                true,
+            ),
+            Err(s) => {
+                let failure = Failure::of(&s);
+                let delivered = !matches!(failure, Failure::NotDelivered(_));
+                (Err(failure.into_error()), delivered)
+            }
         }
     }
 
@@ -540,15 +565,24 @@ impl ShardHost {
             }
         }
         let _speaking = r.quiet.read().await;
+        // `NotLeader` must mean "not proposed" (see `route`): refuse here
+        // while this node does not lead, as openraft also answers
+        // ForwardToLeader for an entry it appended and then dropped, which
+        // another node may still hold and commit.
+        let leader = r.raft.metrics().borrow().current_leader;
+        if leader != Some(self.id) {
+            return Err(ShardError::NotLeader { leader });
+        }
         match tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone())).await {
             Err(_) => Err(ShardError::Unavailable(format!(
-                "shard {shard} did not commit within {WRITE_DEADLINE:?}"
+                "shard {shard} did not commit within {WRITE_DEADLINE:?}; it may yet"
             ))),
             Ok(Ok(resp)) => resp.data,
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ShardError::NotLeader {
-                    leader: f.leader_id,
-                })
+                Err(ShardError::Unavailable(format!(
+                    "shard {shard} changed leader (now {:?}) while the write was pending; it may yet commit",
+                    f.leader_id
+                )))
             }
             Ok(Err(e)) => Err(ShardError::Unavailable(e.to_string())),
         }

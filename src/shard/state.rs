@@ -28,6 +28,35 @@ mod tag {
     pub const TOMBSTONE: u8 = b'D';
     pub const LAYOUT: u8 = b'L';
     pub const REBALANCE: u8 = b'R';
+    /// A request's write id -> the reply its first application gave.
+    pub const WRITE: u8 = b'W';
+    /// When a write id was recorded (ms, big-endian) then the id: the
+    /// order in which old records are forgotten.
+    pub const WRITE_AGE: u8 = b'w';
+}
+
+/// How long a request's write id is remembered after it was applied. A
+/// proposal sent again after an unknown outcome (a timeout, a leader that
+/// stepped down, a lost answer) may commit beside the first one; both are
+/// appended within the proposer's deadline (`ROUTE_DEADLINE`) and commit
+/// within an election or two of it, so minutes are plenty. Write times come
+/// from the nodes' clocks, assumed within minutes of each other (NTP).
+const REMEMBER_WRITES_MS: i64 = 10 * 60 * 1000;
+
+/// At most this many expired write ids are forgotten per application, so
+/// that forgetting keeps pace with writing without a long apply.
+const FORGET_PER_WRITE: usize = 4;
+
+fn write_key(id: WriteId) -> Vec<u8> {
+    key(tag::WRITE, &[&id.0.to_be_bytes()])
+}
+
+fn write_age_key(at_ms: i64, id: Option<WriteId>) -> Vec<u8> {
+    let at = (at_ms.max(0) as u64).to_be_bytes();
+    match id {
+        Some(id) => key(tag::WRITE_AGE, &[&at, &id.0.to_be_bytes()]),
+        None => key(tag::WRITE_AGE, &[&at]),
+    }
 }
 
 /// Builds `tag part0 \0 part1 \0 ... partN` (no zero after the last part).
@@ -228,6 +257,48 @@ impl<'a> State<'a> {
 
     fn has_prefix(&self, prefix: &[u8]) -> Io<bool> {
         Ok(self.r.prefix(prefix)?.next().transpose()?.is_some())
+    }
+
+    /// Applies `cmd` once per request: a command whose write id was applied
+    /// before (the same request proposed again, see [`REMEMBER_WRITES_MS`])
+    /// answers what its first application answered and changes nothing.
+    /// A deterministic refusal changes nothing but that record.
+    pub fn apply_once(&self, cmd: &Command, batch: &mut Batch) -> Reply {
+        let Some((id, at_ms)) = cmd.write_id() else {
+            return self.refusal_writes_nothing(self.apply(cmd, batch), batch);
+        };
+        if let Some(first) = self.get::<Reply>(&write_key(id))? {
+            return first;
+        }
+        let reply = self.refusal_writes_nothing(self.apply(cmd, batch), batch);
+        if matches!(&reply, Err(e) if !e.is_deterministic()) {
+            return reply;
+        }
+        self.forget_writes_before(at_ms - REMEMBER_WRITES_MS, batch)?;
+        batch.insert(write_key(id), encode(&reply));
+        batch.insert(write_age_key(at_ms, Some(id)), Vec::new());
+        reply
+    }
+
+    fn refusal_writes_nothing(&self, reply: Reply, batch: &mut Batch) -> Reply {
+        if matches!(&reply, Err(e) if e.is_deterministic()) {
+            *batch = Batch::default();
+        }
+        reply
+    }
+
+    /// Drops a few of the write-id records older than `cutoff_ms`.
+    fn forget_writes_before(&self, cutoff_ms: i64, batch: &mut Batch) -> Io<()> {
+        let cutoff = write_age_key(cutoff_ms, None);
+        let old = self.r.range(&[tag::WRITE_AGE], Some(&cutoff))?;
+        for kv in old.take(FORGET_PER_WRITE) {
+            let (k, _) = kv?;
+            let id = WriteId::from_slice(&k[k.len() - 16..])
+                .ok_or_else(|| ShardError::Internal("a short write-age key".into()))?;
+            batch.remove(write_key(id));
+            batch.remove(k);
+        }
+        Ok(())
     }
 
     /// Applies `cmd`, putting its writes into `batch`. An `Err` that is
@@ -893,8 +964,24 @@ mod tests {
     use std::ops::Bound;
 
     /// One shard's space in memory.
-    #[derive(Clone, Debug, Default, PartialEq)]
+    #[derive(Clone, Debug, Default)]
     struct Space(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl Space {
+        /// The records a client can see: all but the write-id records.
+        fn visible(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+            self.0
+                .iter()
+                .filter(|(k, _)| ![tag::WRITE, tag::WRITE_AGE].contains(&k[0]))
+        }
+    }
+
+    /// Equal when clients see the same: a refusal may record its write id.
+    impl PartialEq for Space {
+        fn eq(&self, other: &Space) -> bool {
+            self.visible().eq(other.visible())
+        }
+    }
 
     impl Reader for Space {
         fn get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
@@ -914,12 +1001,17 @@ mod tests {
 
     impl Space {
         /// Applies `cmd` as the state machine does, and checks that a
-        /// refusal wrote nothing.
+        /// refusal wrote nothing but its write id's record.
         fn apply(&mut self, cmd: &Command) -> Reply {
             let mut batch = Batch::default();
-            let reply = State::new(&*self).apply(cmd, &mut batch);
+            let reply = State::new(&*self).apply_once(cmd, &mut batch);
             if reply.is_err() {
-                assert!(batch.is_empty(), "a refused {cmd:?} wrote {batch:?}");
+                let written: Vec<_> = batch.ops.iter().map(|(k, _)| k[0]).collect();
+                let records = [tag::WRITE, tag::WRITE_AGE];
+                assert!(
+                    written.iter().all(|t| records.contains(t)),
+                    "a refused {cmd:?} wrote {batch:?}"
+                );
             }
             for (k, v) in batch.ops {
                 match v {
@@ -1126,6 +1218,63 @@ mod tests {
 
         let replaced = s.apply_twice(&complete("u1", id(21), if_match("e1")));
         assert!(matches!(replaced, Ok(Value::Object(Some(_)))));
+    }
+
+    #[test]
+    fn a_put_committed_twice_applies_once_even_after_a_later_write() {
+        let mut s = bucket_with_upload("u1");
+        let first = put("k", manifest("e1", id(10)), Precondition::default());
+        s.apply(&first).unwrap();
+        s.apply(&put("k", manifest("e2", id(11)), Precondition::default()))
+            .unwrap();
+        let after_second = s.clone();
+        // The first request's proposal, sent again after a timeout, commits
+        // once more: it answers as the first time and the later write stays.
+        assert!(matches!(s.apply(&first), Ok(Value::Done)));
+        assert_eq!(s, after_second);
+        assert_eq!(s.object("k"), Some(manifest("e2", id(11))));
+    }
+
+    #[test]
+    fn a_refused_put_committed_twice_is_refused_again_though_it_would_now_hold() {
+        let mut s = bucket_with_upload("u1");
+        let refused = put("k", manifest("e2", id(12)), if_match("e1"));
+        assert_eq!(s.apply(&refused).unwrap_err(), ShardError::NoSuchKey);
+        s.apply(&put("k", manifest("e1", id(13)), Precondition::default()))
+            .unwrap();
+        assert_eq!(s.apply(&refused).unwrap_err(), ShardError::NoSuchKey);
+        assert_eq!(s.object("k"), Some(manifest("e1", id(13))));
+    }
+
+    #[test]
+    fn a_complete_committed_twice_answers_its_object_after_a_later_write() {
+        let mut s = bucket_with_upload("u1");
+        let complete = complete("u1", id(20), Precondition::default());
+        let first = s.apply(&complete);
+        s.apply(&put("big", manifest("e2", id(21)), Precondition::default()))
+            .unwrap();
+        let again = s.apply(&complete);
+        assert!(matches!(&again, Ok(Value::Object(Some(m))) if m.write_id == id(20)));
+        assert_eq!(format!("{again:?}"), format!("{first:?}"));
+        assert_eq!(s.object("big"), Some(manifest("e2", id(21))));
+    }
+
+    #[test]
+    fn write_ids_are_forgotten_a_while_after_their_write() {
+        let mut s = bucket_with_upload("u1");
+        let at = |ms: i64, n: u128| {
+            let mut m = manifest("e", id(n));
+            m.modified_ms = ms;
+            put("k", m, Precondition::default())
+        };
+        s.apply(&at(1_000, 1)).unwrap();
+        s.apply(&at(2_000, 2)).unwrap();
+        let remembered = |s: &Space| s.0.keys().filter(|k| k[0] == tag::WRITE).count();
+        assert_eq!(remembered(&s), 2);
+        s.apply(&at(2_000 + REMEMBER_WRITES_MS, 3)).unwrap();
+        assert_eq!(remembered(&s), 2, "the id of 1,000 ms went, 2,000's stays");
+        assert!(!s.0.contains_key(&write_key(WriteId(1))));
+        assert_eq!(s.0.keys().filter(|k| k[0] == tag::WRITE_AGE).count(), 2);
     }
 
     #[test]

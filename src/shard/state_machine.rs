@@ -284,12 +284,12 @@ fn apply_one(
             Ok(Value::Done)
         }
         EntryPayload::Normal(cmd) => {
-            let reply = State::new(w).apply(cmd, &mut batch);
+            let reply = State::new(w).apply_once(cmd, &mut batch);
             match &reply {
                 Err(e) if !e.is_deterministic() => {
                     return Err(StoreError(format!("applying {}: {e}", entry.log_id)));
                 }
-                Err(_) => batch = Batch::default(),
+                Err(_) => {}
                 Ok(_) => {
                     if let Command::AddChunks { chunks } = cmd {
                         out.chunks.extend(chunks.iter().map(|(id, _)| *id));
