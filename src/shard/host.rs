@@ -526,7 +526,7 @@ impl ShardHost {
         };
         let mut client = match self.pool.client(addr) {
             Ok(client) => client,
-            Err(e) => return (Err(e.into()), false),
+            Err(e) => return (Err(e), false),
         };
         let msg = pb::ShardCall {
             shard: shard.0,
