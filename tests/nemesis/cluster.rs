@@ -1,0 +1,270 @@
+//! The cluster under test and the faults it suffers: three nodes, each in
+//! its own network namespace (its data directory optionally on a tmpfs of
+//! its own), and a gateway in the hub.
+
+use crate::common::processes::Processes;
+use crate::network::{Network, Tmpfs};
+use lumbung::config::AdminConfig;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Nodes in the cluster (RF 3).
+pub const NODES: usize = 3;
+
+/// Size of the tmpfs under each node's data directory, in MiB.
+pub const DISK_MIB: u64 = 256;
+
+/// What a full disk leaves free: less than a node's store needs to go on
+/// writing.
+pub const DISK_LEFT_BYTES: u64 = 512 * 1024;
+
+/// The faults, one kind per cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// SIGKILL, then a restart.
+    Kill,
+    /// SIGSTOP, then SIGCONT: a process that is alive but does nothing.
+    Pause,
+    /// The node's cable unplugged, then plugged back in.
+    Partition,
+    /// The node's disk filled to the brim, then the filler removed.
+    DiskFull,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Partition => "partition",
+            Fault::DiskFull => "disk full",
+        }
+    }
+}
+
+/// The running cluster. Fields drop in order: processes first (a mount
+/// cannot go while a node uses it), then disks, then the network.
+pub struct Cluster {
+    pub procs: Processes,
+    disks: BTreeMap<usize, Tmpfs>,
+    pub net: Network,
+    pub admin: AdminConfig,
+    /// Processes that ended without being asked to, as readable lines.
+    pub unexpected_exits: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts the nodes, each in its namespace, and the gateway in the hub.
+    /// With `small_disks`, each node's data directory is a tmpfs of
+    /// [`DISK_MIB`]. Every process runs `binary`.
+    pub fn start(dir: &Path, binary: &Path, net: Network, small_disks: bool) -> Cluster {
+        let mut procs = Processes::new(dir);
+        procs.use_binary(binary);
+        let mut disks = BTreeMap::new();
+        for id in 1..=NODES {
+            procs.run_in_namespace(id, net.node_ns(id));
+            if small_disks {
+                let data = dir.join("data").join(format!("node{id}"));
+                disks.insert(id, Tmpfs::mount(&data, DISK_MIB));
+            }
+        }
+        procs.run_in_namespace(0, &net.hub);
+        for slot in [1, 2, 3, 0] {
+            procs.spawn(slot);
+        }
+        Cluster {
+            procs,
+            disks,
+            net,
+            admin: lumbung::config::load(&dir.join("admin.toml")).unwrap(),
+            unexpected_exits: Vec::new(),
+        }
+    }
+
+    /// Starts `fault` on `node`; returns a line saying what was done.
+    pub fn inject(&mut self, fault: Fault, node: usize) -> String {
+        match fault {
+            Fault::Kill => {
+                self.procs.kill(node);
+                format!("SIGKILL node {node}")
+            }
+            Fault::Pause => {
+                self.procs.signal(node, libc::SIGSTOP);
+                format!("SIGSTOP node {node}")
+            }
+            Fault::Partition => {
+                self.net.unplug(node);
+                format!("unplugged node {node}")
+            }
+            Fault::DiskFull => {
+                let disk = &self.disks[&node];
+                let taken = disk.fill(DISK_LEFT_BYTES);
+                format!(
+                    "filled node {node}'s disk ({} MiB taken, {} KiB left)",
+                    taken >> 20,
+                    disk.free_bytes() >> 10
+                )
+            }
+        }
+    }
+
+    /// Ends `fault` on `node`.
+    pub fn heal(&mut self, fault: Fault, node: usize) {
+        match fault {
+            Fault::Kill => self.procs.spawn(node),
+            Fault::Pause => self.procs.signal(node, libc::SIGCONT),
+            Fault::Partition => self.net.plug(node),
+            Fault::DiskFull => self.disks[&node].unfill(),
+        }
+    }
+
+    /// Records every process that ended by itself since the last look
+    /// (`at`: the test's clock, for the record); returns the slots.
+    pub fn reap(&mut self, at: Duration) -> Vec<usize> {
+        let ended = self.procs.reap_exited();
+        for (slot, status) in &ended {
+            let what = if *slot == 0 {
+                "the gateway".to_string()
+            } else {
+                format!("node {slot}")
+            };
+            let line = format!(
+                "{what} ended by itself ({status}) at {:.1} s",
+                at.as_secs_f64()
+            );
+            println!("!! {line}");
+            self.unexpected_exits.push(line);
+        }
+        ended.into_iter().map(|(slot, _)| slot).collect()
+    }
+
+    /// Starts again every process that is not running (after a fault is
+    /// healed, a process that died of it gets its restart).
+    pub fn restart_missing(&mut self) {
+        for slot in [1, 2, 3, 0] {
+            if self.procs.pid(slot).is_none() {
+                self.procs.spawn(slot);
+            }
+        }
+    }
+
+    /// The leader of `shard`, as the nodes report it.
+    pub async fn leader_of(&self, shard: u32) -> Option<usize> {
+        let view = lumbung::admin::status::collect(&self.admin).await.ok()?;
+        let s = view.shards.iter().find(|s| s.shard == shard)?;
+        s.leader.map(|l| l as usize)
+    }
+
+    /// Each node's applied index per shard, `None` for a node that did not
+    /// answer within a second.
+    async fn applied(&self) -> Vec<Option<BTreeMap<u32, u64>>> {
+        let pool = lumbung::rpc::Pool::new(&self.admin.tls).unwrap();
+        let mut out = Vec::new();
+        for addr in &self.admin.nodes {
+            let mut client = pool.client(*addr).unwrap();
+            let status = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.status(lumbung::rpc::pb::Empty {}),
+            )
+            .await;
+            out.push(match status {
+                Ok(Ok(s)) => Some(
+                    s.into_inner()
+                        .shards
+                        .iter()
+                        .map(|s| (s.shard, s.last_applied))
+                        .collect(),
+                ),
+                _ => None,
+            });
+        }
+        out
+    }
+
+    /// What keeps the cluster from being settled: nodes that do not
+    /// answer, shards without a leader or short of voters, and replicas
+    /// that a second later still have not applied what the most advanced
+    /// replica had (a replica whose Raft stopped never catches up, even if
+    /// its process answers).
+    pub async fn unsettled(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match lumbung::admin::status::collect(&self.admin).await {
+            Ok(view) => {
+                for n in view.nodes.iter().filter(|n| !n.up) {
+                    problems.push(format!("{} is {}", n.addr, n.health));
+                }
+                for s in &view.shards {
+                    if s.leader.is_none() || s.voters.len() != NODES {
+                        problems.push(format!(
+                            "shard {} leader {:?} voters {:?}",
+                            s.shard, s.leader, s.voters
+                        ));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("no status: {e:#}")),
+        }
+        if !problems.is_empty() {
+            return problems;
+        }
+        let before = self.applied().await;
+        let mut most: BTreeMap<u32, u64> = BTreeMap::new();
+        for shards in before.iter().flatten() {
+            for (shard, applied) in shards {
+                let m = most.entry(*shard).or_default();
+                *m = (*m).max(*applied);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (i, shards) in self.applied().await.iter().enumerate() {
+            let id = i + 1;
+            let Some(shards) = shards else {
+                problems.push(format!("node {id} did not answer"));
+                continue;
+            };
+            let behind: Vec<u32> = most
+                .iter()
+                .filter(|(shard, m)| shards.get(shard).copied().unwrap_or(0) < **m)
+                .map(|(shard, _)| *shard)
+                .collect();
+            if !behind.is_empty() {
+                problems.push(format!("node {id} behind on shards {behind:?}"));
+            }
+        }
+        problems
+    }
+
+    /// Waits until nothing keeps the cluster from being settled; returns
+    /// how long that took, or what was still wrong after `limit`.
+    /// Processes found dead meanwhile are recorded and restarted.
+    pub async fn settle(
+        &mut self,
+        limit: Duration,
+        clock: impl Fn() -> Duration,
+    ) -> Result<Duration, Vec<String>> {
+        let started = Instant::now();
+        loop {
+            if !self.reap(clock()).is_empty() {
+                self.restart_missing();
+            }
+            let problems = self.unsettled().await;
+            if problems.is_empty() {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                return Err(problems);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// How many times node `id`'s log says its watchdog saw the process
+    /// paused.
+    pub fn pauses_logged(&self, id: usize) -> usize {
+        std::fs::read_to_string(self.procs.log_path(id))
+            .unwrap_or_default()
+            .matches("the process was paused")
+            .count()
+    }
+}
