@@ -32,8 +32,9 @@
 //! fails, the checker's explanation, the history and every log are kept
 //! under /var/tmp/lumbung-nemesis/ (also with `NEMESIS_KEEP=1`).
 //!
-//! `NEMESIS_CYCLES` (default 9: three of each fault) and `NEMESIS_SEED`
-//! shape a run; `benches/nemesis.sh` runs the long one. Needs root.
+//! `NEMESIS_CYCLES` (default: three of each fault), `NEMESIS_SEED` and
+//! `NEMESIS_FAULTS` (e.g. `disk,pause`: only these, in turn) shape a run;
+//! `benches/nemesis.sh` runs the long one. Needs root.
 
 mod common;
 mod linearizable;
@@ -52,7 +53,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::StalledStreamProtectionConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use clients::{key_name, Client, Workload, KEYS};
-use cluster::{Cluster, Fault, NODES};
+use cluster::{Cluster, Fault, Unsettled, NODES};
 use linearizable::{Observed, Outcome};
 use lumbung::admin::{init_cluster, InitOptions, S3Env};
 use md5::{Digest, Md5};
@@ -95,8 +96,14 @@ struct Plan {
 impl Plan {
     fn from_env() -> Plan {
         let flag = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
-        let mut faults = vec![Fault::Kill, Fault::Pause, Fault::Partition];
-        if flag("NEMESIS_DISK_FULL") {
+        let mut faults = match std::env::var("NEMESIS_FAULTS") {
+            Ok(names) => names
+                .split(',')
+                .map(|n| Fault::named(n.trim()).unwrap_or_else(|| panic!("no fault {n:?}")))
+                .collect(),
+            Err(_) => vec![Fault::Kill, Fault::Pause, Fault::Partition],
+        };
+        if flag("NEMESIS_DISK_FULL") && !faults.contains(&Fault::DiskFull) {
             faults.push(Fault::DiskFull);
         }
         let cycles = std::env::var("NEMESIS_CYCLES")
@@ -231,9 +238,17 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
     let events = workload.history.events();
     let check_started = Instant::now();
     let checked = events.clone();
-    let verdict = tokio::task::spawn_blocking(move || linearizable::check(&checked))
-        .await
-        .unwrap();
+    let (verdict, failing_keys) = tokio::task::spawn_blocking(move || {
+        let verdict = linearizable::check(&checked);
+        // The check stops at the first failing key; count them all.
+        let failing = match verdict {
+            Ok(_) => Vec::new(),
+            Err(_) => report::failing_keys(&checked),
+        };
+        (verdict, failing)
+    })
+    .await
+    .unwrap();
     let check_took = check_started.elapsed();
     let lost = report::lost_writes(&events, &final_reads);
     let tally = workload.tally.lock().unwrap();
@@ -246,7 +261,9 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
         lost: &lost,
         unexpected_exits: &cluster.unexpected_exits,
         verdict: &verdict,
+        failing_keys: &failing_keys,
         check_took,
+        planned_cycles: plan.cycles,
         load_secs,
     }
     .table();
@@ -257,9 +274,10 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
 
     let mut problems = Vec::new();
     if let Err(wrong) = &settled {
+        let what: Vec<&str> = wrong.iter().map(|u| u.what.as_str()).collect();
         problems.push(format!(
             "the cluster did not settle after the last fault: {}",
-            wrong.join(", ")
+            what.join(", ")
         ));
     }
     if let Some(c) = cycles.iter().find(|c| c.settled_in.is_err()) {
@@ -393,12 +411,19 @@ async fn run_cycle(
     let healed = clock();
     cluster.reap(clock());
     cluster.restart_missing();
-    let settled_in = cluster.settle(SETTLE_LIMIT, clock).await;
+    let settled = cluster.settle(SETTLE_LIMIT, clock).await;
+    let mut notes = Vec::new();
+    if let Err(wrong) = &settled {
+        notes.extend(restart_to_recover(cluster, wrong, clock).await);
+    }
     tokio::time::sleep(AFTER_SETTLE).await;
     cluster.reap(clock());
     cluster.restart_missing();
 
-    let mut notes = cluster.unexpected_exits[exits_before..].to_vec();
+    notes.splice(
+        0..0,
+        cluster.unexpected_exits[exits_before..].iter().cloned(),
+    );
     if fault == Fault::Pause {
         // The watchdog logs each pause it sees, and must leave the node be.
         let seen = cluster.pauses_logged(node) > pauses_before;
@@ -419,9 +444,37 @@ async fn run_cycle(
         started,
         healed,
         ended: clock(),
-        settled_in,
+        settled_in: settled.map_err(|wrong| wrong.into_iter().map(|u| u.what).collect()),
         notes,
     }
+}
+
+/// What a supervisor would try for a node that stays behind: restart it
+/// (SIGKILL, start), then wait again. Returns what came of it, for the
+/// record; the cycle stays unsettled either way.
+async fn restart_to_recover(
+    cluster: &mut Cluster,
+    wrong: &[Unsettled],
+    clock: impl Fn() -> Duration + Copy,
+) -> Vec<String> {
+    let mut lagging: Vec<usize> = wrong.iter().filter_map(|u| u.node).collect();
+    lagging.dedup();
+    let mut notes = Vec::new();
+    for node in lagging {
+        cluster.procs.kill(node);
+        cluster.procs.spawn(node);
+        let outcome = match cluster.settle(SETTLE_LIMIT, clock).await {
+            Ok(took) => format!("settled {:.1} s after that", took.as_secs_f64()),
+            Err(still) => {
+                let what: Vec<String> = still.into_iter().map(|u| u.what).collect();
+                format!("still unsettled: {}", what.join(", "))
+            }
+        };
+        notes.push(format!(
+            "restarted node {node} as a supervisor would: {outcome}"
+        ));
+    }
+    notes
 }
 
 /// The last GET of every key, on the settled cluster: each retried until

@@ -183,7 +183,7 @@ pub fn own_copy_of_lumbung(dir: &Path) -> PathBuf {
     needle.push(0);
     assert!(
         image.windows(needle.len()).any(|w| w == needle.as_slice()),
-        "{} was built from another source tree than {}: run `cargo build --bins` here again",
+        "{} was not built from {} (or without debug info): build it here again",
         env!("CARGO_BIN_EXE_lumbung"),
         env!("CARGO_MANIFEST_DIR")
     );

@@ -15,9 +15,9 @@ pub const NODES: usize = 3;
 /// Size of the tmpfs under each node's data directory, in MiB.
 pub const DISK_MIB: u64 = 256;
 
-/// What a full disk leaves free: less than a node's store needs to go on
-/// writing.
-pub const DISK_LEFT_BYTES: u64 = 512 * 1024;
+/// What a full disk leaves free: less than a node's stores need to go on
+/// writing for more than a moment.
+pub const DISK_LEFT_BYTES: u64 = 64 * 1024;
 
 /// The faults, one kind per cycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,6 +33,13 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// The fault called `name` (its [`name`](Self::name) or `disk`).
+    pub fn named(name: &str) -> Option<Fault> {
+        [Fault::Kill, Fault::Pause, Fault::Partition, Fault::DiskFull]
+            .into_iter()
+            .find(|f| f.name() == name || (name == "disk" && *f == Fault::DiskFull))
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Fault::Kill => "kill",
@@ -41,6 +48,13 @@ impl Fault {
             Fault::DiskFull => "disk full",
         }
     }
+}
+
+/// One thing that keeps the cluster from being settled.
+pub struct Unsettled {
+    /// The node it is about, when it is about one node.
+    pub node: Option<usize>,
+    pub what: String,
 }
 
 /// The running cluster. Fields drop in order: processes first (a mount
@@ -52,7 +66,13 @@ pub struct Cluster {
     pub admin: AdminConfig,
     /// Processes that ended without being asked to, as readable lines.
     pub unexpected_exits: Vec<String>,
+    /// How often each slot ended by itself: one that keeps ending is not
+    /// started again and again.
+    ended_count: BTreeMap<usize, usize>,
 }
+
+/// A process that ended by itself this often is left down.
+const MAX_RESTARTS: usize = 3;
 
 impl Cluster {
     /// Starts the nodes, each in its namespace, and the gateway in the hub.
@@ -79,6 +99,7 @@ impl Cluster {
             net,
             admin: lumbung::config::load(&dir.join("admin.toml")).unwrap(),
             unexpected_exits: Vec::new(),
+            ended_count: BTreeMap::new(),
         }
     }
 
@@ -135,15 +156,21 @@ impl Cluster {
             );
             println!("!! {line}");
             self.unexpected_exits.push(line);
+            *self.ended_count.entry(*slot).or_default() += 1;
         }
         ended.into_iter().map(|(slot, _)| slot).collect()
     }
 
     /// Starts again every process that is not running (after a fault is
-    /// healed, a process that died of it gets its restart).
+    /// healed, a process that died of it gets its restart), unless it
+    /// already ended by itself [`MAX_RESTARTS`] times.
     pub fn restart_missing(&mut self) {
         for slot in [1, 2, 3, 0] {
-            if self.procs.pid(slot).is_none() {
+            let given_up = self
+                .ended_count
+                .get(&slot)
+                .is_some_and(|n| *n >= MAX_RESTARTS);
+            if self.procs.pid(slot).is_none() && !given_up {
                 self.procs.spawn(slot);
             }
         }
@@ -187,23 +214,25 @@ impl Cluster {
     /// that a second later still have not applied what the most advanced
     /// replica had (a replica whose Raft stopped never catches up, even if
     /// its process answers).
-    pub async fn unsettled(&self) -> Vec<String> {
+    pub async fn unsettled(&self) -> Vec<Unsettled> {
         let mut problems = Vec::new();
+        let mut problem = |node, what| problems.push(Unsettled { node, what });
         match lumbung::admin::status::collect(&self.admin).await {
             Ok(view) => {
                 for n in view.nodes.iter().filter(|n| !n.up) {
-                    problems.push(format!("{} is {}", n.addr, n.health));
+                    problem(None, format!("{} is {}", n.addr, n.health));
                 }
                 for s in &view.shards {
                     if s.leader.is_none() || s.voters.len() != NODES {
-                        problems.push(format!(
+                        let what = format!(
                             "shard {} leader {:?} voters {:?}",
                             s.shard, s.leader, s.voters
-                        ));
+                        );
+                        problem(None, what);
                     }
                 }
             }
-            Err(e) => problems.push(format!("no status: {e:#}")),
+            Err(e) => problem(None, format!("no status: {e:#}")),
         }
         if !problems.is_empty() {
             return problems;
@@ -220,7 +249,10 @@ impl Cluster {
         for (i, shards) in self.applied().await.iter().enumerate() {
             let id = i + 1;
             let Some(shards) = shards else {
-                problems.push(format!("node {id} did not answer"));
+                problems.push(Unsettled {
+                    node: Some(id),
+                    what: format!("node {id} did not answer"),
+                });
                 continue;
             };
             let behind: Vec<u32> = most
@@ -229,7 +261,10 @@ impl Cluster {
                 .map(|(shard, _)| *shard)
                 .collect();
             if !behind.is_empty() {
-                problems.push(format!("node {id} behind on shards {behind:?}"));
+                problems.push(Unsettled {
+                    node: Some(id),
+                    what: format!("node {id} behind on shards {behind:?}"),
+                });
             }
         }
         problems
@@ -242,7 +277,7 @@ impl Cluster {
         &mut self,
         limit: Duration,
         clock: impl Fn() -> Duration,
-    ) -> Result<Duration, Vec<String>> {
+    ) -> Result<Duration, Vec<Unsettled>> {
         let started = Instant::now();
         loop {
             if !self.reap(clock()).is_empty() {

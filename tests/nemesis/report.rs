@@ -142,6 +142,9 @@ pub struct Report<'a> {
     pub lost: &'a [String],
     pub unexpected_exits: &'a [String],
     pub verdict: &'a Result<Summary, CheckError>,
+    /// Keys whose history alone fails the check.
+    pub failing_keys: &'a [String],
+    pub planned_cycles: usize,
     pub check_took: Duration,
     pub load_secs: f64,
 }
@@ -226,9 +229,8 @@ impl Report<'_> {
             t.slowest.0.as_secs_f64(),
             t.slowest.1
         );
-        let _ = writeln!(out, "acknowledged writes lost: {}", self.lost.len());
         for l in self.lost {
-            let _ = writeln!(out, "  {l}");
+            let _ = writeln!(out, "lost: {l}");
         }
         let _ = writeln!(
             out,
@@ -255,12 +257,58 @@ impl Report<'_> {
                 self.check_took.as_secs_f64()
             ),
             Err(CheckError::NotLinearizable(v)) => {
-                writeln!(out, "checker: NOT LINEARIZABLE on key {}", v.key)
+                writeln!(out, "checker: NOT LINEARIZABLE, first on key {}", v.key)
             }
             Err(e) => writeln!(out, "checker: no verdict: {e}"),
         };
+        // The run in four lines (benches/nemesis.sh picks them out).
+        let _ = writeln!(
+            out,
+            "fault cycles run: {} of {} planned",
+            self.cycles.len(),
+            self.planned_cycles
+        );
+        let _ = writeln!(out, "acknowledged writes lost: {}", self.lost.len());
+        let _ = writeln!(
+            out,
+            "linearizability violations: {} keys{}",
+            self.failing_keys.len(),
+            if self.failing_keys.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.failing_keys.join(", "))
+            }
+        );
+        let longest: Vec<String> = self
+            .faults
+            .iter()
+            .map(|f| {
+                let gap = self
+                    .cycles
+                    .iter()
+                    .filter(|c| c.fault == *f)
+                    .map(|c| longest_unavailability(&t.successes, c.started, c.ended))
+                    .max()
+                    .unwrap_or_default();
+                format!("{} {:.1} s", f.name(), gap.as_secs_f64())
+            })
+            .collect();
+        let _ = writeln!(out, "longest unavailability: {}", longest.join(", "));
         out
     }
+}
+
+/// The keys whose own history is not linearizable (or too concurrent to
+/// check), each checked alone.
+pub fn failing_keys(events: &[Event]) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&str> = events.iter().map(|e| e.key.as_str()).collect();
+    keys.into_iter()
+        .filter(|key| {
+            let of_key: Vec<Event> = events.iter().filter(|e| e.key == *key).cloned().collect();
+            crate::linearizable::check(&of_key).is_err()
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// The whole history, one event a line, for the evidence folder.
