@@ -314,6 +314,17 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
         if let Err(e) = &verdict {
             std::fs::write(keep.join("violation.txt"), e.to_string()).unwrap();
         }
+        // The nodes' files too (Raft logs, stores: a few MiB), taken after
+        // stopping them so that nothing changes while they are copied.
+        cluster.stop_all();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("data"))
+            .arg(&keep)
+            .status();
+        if !copied.is_ok_and(|s| s.success()) {
+            println!("could not copy the nodes' data into the evidence");
+        }
         println!("evidence kept in {}", keep.display());
     }
     if !problems.is_empty() {

@@ -4,6 +4,7 @@
 //! namespace of its own.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -64,6 +65,15 @@ impl Processes {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(bin);
+                // A process left running in a namespace outlives nothing
+                // it needs: if the test is killed (no Drop runs), so is it.
+                // SAFETY: prctl is async-signal-safe; it only sets a flag.
+                unsafe {
+                    c.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
                 c
             }
             None => Command::new(bin),

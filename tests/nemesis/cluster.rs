@@ -161,6 +161,13 @@ impl Cluster {
         ended.into_iter().map(|(slot, _)| slot).collect()
     }
 
+    /// SIGKILLs every process (and SIGCONTs none: a stopped one dies too).
+    pub fn stop_all(&mut self) {
+        for slot in [0, 1, 2, 3] {
+            self.procs.kill(slot);
+        }
+    }
+
     /// Starts again every process that is not running (after a fault is
     /// healed, a process that died of it gets its restart), unless it
     /// already ended by itself [`MAX_RESTARTS`] times.

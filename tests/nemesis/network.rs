@@ -47,6 +47,7 @@ pub struct Network {
 impl Network {
     /// Builds the hub and `nodes` node namespaces, each node plugged in.
     pub fn build(nodes: usize) -> Network {
+        remove_leftovers();
         let tag = std::process::id();
         let net = Network {
             hub: format!("nemesis-hub-{tag}"),
@@ -124,6 +125,27 @@ impl Network {
 impl Drop for Network {
     fn drop(&mut self) {
         for ns in self.nodes.iter().chain([&self.hub]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Removes the namespaces of earlier runs whose test process is gone (it
+/// was killed, so no Drop ran) and in which nothing runs any more.
+fn remove_leftovers() {
+    for line in run("ip", &["netns", "list"]).lines() {
+        let Some(ns) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = ns
+            .strip_prefix("nemesis-")
+            .and_then(|r| r.rsplit('-').next())
+        else {
+            continue;
+        };
+        let gone = !Path::new("/proc").join(pid).exists();
+        if gone && run("ip", &["netns", "pids", ns]).trim().is_empty() {
+            println!("removing namespace {ns}, left by a test that was killed");
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
