@@ -18,19 +18,27 @@
 //! SIGCONT (the node's watchdog must see a paused process, not a stalled
 //! one, and leave it running: the first pause outlasts its `stall_secs`);
 //! the node's cable unplugged and plugged back; with `NEMESIS_DISK_FULL=1`,
-//! its data directory (a 256 MiB tmpfs) filled to the brim and freed.
+//! its data directory (a 256 MiB tmpfs) filled to all but 64 KiB, then
+//! freed. (Nodes have no reserve of free space to configure yet, so a full
+//! disk meets the store unprepared; hence the flag.) After each healing
+//! the cluster must settle within a minute: every node answers, every
+//! shard has a leader and three voters, and every replica keeps up with
+//! the others. If it does not, the lagging node is restarted as a
+//! supervisor would (the outcome is noted) and no further fault is done.
 //!
 //! Once everything is healed and the cluster has settled, a last GET of
 //! every key closes the history, and the test shows that:
 //!   1. the checker finds an order explaining every answer;
 //!   2. no key's final read misses its last acknowledged write;
-//!   3. no process ended without being told to.
+//!   3. no process ended without being told to;
+//!   4. the cluster settled after every fault.
 //!
 //! It prints a table: fault cycles, calls ok/fail/unknown, 5xx answers by
 //! code, and per fault kind the longest time without any successful call
 //! while the fault lasted or the cluster recovered from it. When a check
-//! fails, the checker's explanation, the history and every log are kept
-//! under /var/tmp/lumbung-nemesis/ (also with `NEMESIS_KEEP=1`).
+//! fails, or an answer was a 5xx other than 503, the checker's explanation,
+//! the history, every log and the nodes' data are kept under
+//! /var/tmp/lumbung-nemesis/ (also with `NEMESIS_KEEP=1`).
 //!
 //! `NEMESIS_CYCLES` (default: three of each fault), `NEMESIS_SEED` and
 //! `NEMESIS_FAULTS` (e.g. `disk,pause`: only these, in turn) shape a run;
@@ -305,7 +313,12 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
         println!("---- checker ----\n{e}");
         problems.push("the history is not linearizable (or could not be checked)".into());
     }
-    if !problems.is_empty() || plan.keep {
+    // The issue allows a 503 for a write whose outcome is unknown, no
+    // other 5xx: not a failure of this test (yet), but worth the logs.
+    let other_5xx = tally
+        .five_xx()
+        .any(|(answer, _)| !answer.starts_with("503 "));
+    if !problems.is_empty() || plan.keep || other_5xx {
         let keep = report::evidence_dir();
         std::fs::create_dir_all(&keep).unwrap();
         cluster.procs.copy_logs(&keep);
