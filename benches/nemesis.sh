@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The nemesis's long run: tests/nemesis.rs with many fault cycles (SIGKILL
-# and restart, SIGSTOP/SIGCONT, an unplugged node, and with
-# NEMESIS_DISK_FULL=1 a full disk) against release processes, five S3
-# clients recorded in the linearizability checker throughout. Ends with the
+# and restart, SIGSTOP/SIGCONT, an unplugged node, a full disk) against
+# release processes, five S3 clients (plain and conditional PUTs, GET,
+# DELETE, LIST) recorded in the linearizability checker throughout. Ends with the
 # run in four lines: fault cycles run, acknowledged writes lost,
 # linearizability violations, longest unavailability per fault kind; the
 # whole output is kept in a log under /var/tmp, and on a failure the test
@@ -13,9 +13,10 @@
 #   NEMESIS_CYCLES=120 NEMESIS_SEED=7 benches/nemesis.sh
 #   NEMESIS_PROFILE=debug benches/nemesis.sh # no release build
 #
-# Other knobs are the test's own: NEMESIS_FAULTS (e.g. kill,partition),
-# NEMESIS_DISK_FULL=1, NEMESIS_CONDITIONAL=1 (only once the store honours
-# If-None-Match and If-Match), NEMESIS_KEEP=1 (evidence even on success).
+# Other knobs are the test's own: NEMESIS_FAULTS (e.g. kill,partition; the
+# names are kill, pause, partition, disk), NEMESIS_CONDITIONAL=0 (plain
+# PUTs only), NEMESIS_STRICT_5XX=1 (a 5xx other than 503/507 on a write
+# fails the run), NEMESIS_KEEP=1 (evidence even on success).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NEMESIS_CYCLES=${NEMESIS_CYCLES:-60}

@@ -58,9 +58,8 @@ pub struct Tally {
     pub unknown: u64,
     /// The same three counts by kind of call.
     pub by_op: BTreeMap<&'static str, [u64; 3]>,
-    /// Every answer other than a 2xx, 404-on-GET or 412, as "503
-    /// ServiceUnavailable on PUT".
-    pub answers: BTreeMap<String, u64>,
+    /// Every answer other than a 2xx, 404-on-GET or 412, counted.
+    pub answers: BTreeMap<Answer, u64>,
     /// Calls that got no answer within the client's timeout.
     pub timeouts: u64,
     /// Calls that failed in transport, by the first words of the error.
@@ -75,10 +74,38 @@ pub struct Tally {
     pub oddities: Vec<String>,
 }
 
+/// An error answer to one kind of call.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Answer {
+    pub status: u16,
+    pub code: String,
+    pub op: &'static str,
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} on {}", self.status, self.code, self.op)
+    }
+}
+
+impl Answer {
+    /// Whether the issue ("never 5xx") allows it: a 503 for a write whose
+    /// outcome is unknown, or a 507 refusing a write on a full disk.
+    pub fn allowed(&self) -> bool {
+        let write = self.op.starts_with("PUT") || self.op == "DELETE";
+        self.status < 500 || (write && matches!(self.status, 503 | 507))
+    }
+}
+
 impl Tally {
-    /// 5xx answers by "status code on op".
-    pub fn five_xx(&self) -> impl Iterator<Item = (&String, &u64)> {
-        self.answers.iter().filter(|(a, _)| a.starts_with('5'))
+    /// 5xx answers and their counts.
+    pub fn five_xx(&self) -> impl Iterator<Item = (&Answer, &u64)> {
+        self.answers.iter().filter(|(a, _)| a.status >= 500)
+    }
+
+    /// 5xx answers the issue does not allow, and their counts.
+    pub fn disallowed_5xx(&self) -> impl Iterator<Item = (&Answer, &u64)> {
+        self.five_xx().filter(|(a, _)| !a.allowed())
     }
 }
 
@@ -213,9 +240,12 @@ impl Workload {
         }
         match failure {
             Some(Failure::Answered { status, code }) => {
-                *t.answers
-                    .entry(format!("{status} {code} on {op}"))
-                    .or_default() += 1;
+                let answer = Answer {
+                    status: *status,
+                    code: code.clone(),
+                    op,
+                };
+                *t.answers.entry(answer).or_default() += 1;
             }
             Some(Failure::Timeout) => t.timeouts += 1,
             Some(Failure::Transport(e) | Failure::NotSent(e)) => {

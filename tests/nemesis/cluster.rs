@@ -15,9 +15,10 @@ pub const NODES: usize = 3;
 /// Size of the tmpfs under each node's data directory, in MiB.
 pub const DISK_MIB: u64 = 256;
 
-/// What a full disk leaves free: less than a node's stores need to go on
-/// writing for more than a moment.
-pub const DISK_LEFT_BYTES: u64 = 64 * 1024;
+/// The free space a node keeps on its small disk (`[space] reserve_mib`):
+/// below it, it refuses new data (507); below half of it, its Raft log
+/// appends wait for room.
+pub const RESERVE_MIB: u64 = 64;
 
 /// The faults, one kind per cycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -77,7 +78,8 @@ const MAX_RESTARTS: usize = 3;
 impl Cluster {
     /// Starts the nodes, each in its namespace, and the gateway in the hub.
     /// With `small_disks`, each node's data directory is a tmpfs of
-    /// [`DISK_MIB`]. Every process runs `binary`.
+    /// [`DISK_MIB`], and the node keeps [`RESERVE_MIB`] of it free. Every
+    /// process runs `binary`.
     pub fn start(dir: &Path, binary: &Path, net: Network, small_disks: bool) -> Cluster {
         let mut procs = Processes::new(dir);
         procs.use_binary(binary);
@@ -87,6 +89,7 @@ impl Cluster {
             if small_disks {
                 let data = dir.join("data").join(format!("node{id}"));
                 disks.insert(id, Tmpfs::mount(&data, DISK_MIB));
+                set_reserve(&dir.join(format!("node{id}.toml")), RESERVE_MIB);
             }
         }
         procs.run_in_namespace(0, &net.hub);
@@ -103,8 +106,9 @@ impl Cluster {
         }
     }
 
-    /// Starts `fault` on `node`; returns a line saying what was done.
-    pub fn inject(&mut self, fault: Fault, node: usize) -> String {
+    /// Starts `fault` on `node` (a full disk keeps `disk_left` bytes
+    /// free); returns a line saying what was done.
+    pub fn inject(&mut self, fault: Fault, node: usize, disk_left: u64) -> String {
         match fault {
             Fault::Kill => {
                 self.procs.kill(node);
@@ -120,11 +124,11 @@ impl Cluster {
             }
             Fault::DiskFull => {
                 let disk = &self.disks[&node];
-                let taken = disk.fill(DISK_LEFT_BYTES);
+                let taken = disk.fill(disk_left);
                 format!(
-                    "filled node {node}'s disk ({} MiB taken, {} KiB left)",
+                    "filled node {node}'s disk ({} MiB taken, {} MiB left, reserve {RESERVE_MIB} MiB)",
                     taken >> 20,
-                    disk.free_bytes() >> 10
+                    disk.free_bytes() >> 20
                 )
             }
         }
@@ -309,4 +313,19 @@ impl Cluster {
             .matches("the process was paused")
             .count()
     }
+}
+
+/// Sets `[space] reserve_mib` in the node config at `path`.
+fn set_reserve(path: &Path, mib: u64) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = format!("reserve_mib = {mib}");
+    let text = match text.lines().position(|l| l.starts_with("reserve_mib =")) {
+        Some(i) => {
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines[i] = &line;
+            lines.join("\n") + "\n"
+        }
+        None => format!("{text}\n[space]\n{line}\n"),
+    };
+    std::fs::write(path, text).unwrap();
 }

@@ -3,7 +3,7 @@
 //! checker's verdict; printed as one table, and kept on disk when asked or
 //! when something failed.
 
-use crate::clients::Tally;
+use crate::clients::{Answer, Tally};
 use crate::cluster::Fault;
 use crate::linearizable::{CheckError, Event, Observed, Op, Outcome, Summary, Value};
 use std::collections::BTreeMap;
@@ -201,25 +201,22 @@ impl Report<'_> {
                 "  {op:<18} {ok:>7} ok {fail:>5} fail {unknown:>5} unknown"
             );
         }
-        let five: Vec<String> = t.five_xx().map(|(a, n)| format!("{n} × {a}")).collect();
-        let _ = writeln!(
-            out,
-            "5xx answers: {}",
-            if five.is_empty() {
+        let list = |answers: &mut dyn Iterator<Item = (&Answer, &u64)>| {
+            let all: Vec<String> = answers.map(|(a, n)| format!("{n} × {a}")).collect();
+            if all.is_empty() {
                 "none".to_string()
             } else {
-                five.join(", ")
+                all.join(", ")
             }
+        };
+        let _ = writeln!(out, "5xx answers: {}", list(&mut t.five_xx()));
+        let _ = writeln!(
+            out,
+            "5xx the issue does not allow (not a 503 or 507 on a write): {}",
+            list(&mut t.disallowed_5xx())
         );
-        let other: Vec<String> = t
-            .answers
-            .iter()
-            .filter(|(a, _)| !a.starts_with('5'))
-            .map(|(a, n)| format!("{n} × {a}"))
-            .collect();
-        if !other.is_empty() {
-            let _ = writeln!(out, "other error answers: {}", other.join(", "));
-        }
+        let mut other = t.answers.iter().filter(|(a, _)| a.status < 500);
+        let _ = writeln!(out, "4xx answers: {}", list(&mut other));
         for (e, n) in &t.transport {
             let _ = writeln!(out, "  transport: {n} × {e}");
         }
