@@ -2,10 +2,11 @@
 //! nothing and recovers by itself.
 //!
 //! Node 3's data folder is a 256 MiB tmpfs, and it keeps 64 MiB in reserve.
-//! It leads the bucket's index shard, so the refusals reach clients. A
-//! filler file first takes the disk below the reserve (node 3 refuses new
-//! objects with 507 InsufficientStorage, and its chunk copies), then below
-//! half of it with node 1 leading the index shard (nodes 1 and 2 store new
+//! It leads the bucket's index shard. A filler file first takes the disk
+//! below the reserve: node 3 refuses new objects with 507
+//! InsufficientStorage (and its chunk copies) and within seconds hands the
+//! index shard to another replica, where writes go on. Then below half of
+//! it with node 1 leading the index shard (nodes 1 and 2 store new
 //! objects; node 3's Raft appends wait and it falls behind). Meanwhile
 //! every request answers 200 or 507, and every acknowledged object reads
 //! back. The filler
@@ -170,20 +171,29 @@ async fn a_node_with_a_full_disk_refuses_new_data_and_recovers_when_space_return
         );
     }
 
-    // Below the reserve: node 3 takes no new data.
+    // Below the reserve: node 3 takes no new data. While it still leads
+    // the index shard it answers 507; within seconds it hands the shard to
+    // another replica, where writes go on.
     disk.fill_to(40 << 20);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let mut refused = 0;
-    for seed in 10..30 {
+    let (mut refused, mut seed) = (0, 1000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while node1_host.find_leader(index).await == Some(3) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 3 kept leading the index shard with its disk below the reserve"
+        );
+        // Acknowledged only once another replica took over meanwhile.
         match write(&client, &bucket, seed).await {
             Some(a) => acked.push(a),
             None => refused += 1,
         }
+        seed += 1;
     }
-    assert!(
-        refused > 0,
-        "node 3 leads the index shard and should refuse"
-    );
+    for seed in 10..30 {
+        let a = write(&client, &bucket, seed).await;
+        acked.push(a.expect("another replica leads the index shard"));
+    }
     assert_all_read_back(&client, &bucket, &acked).await;
 
     // Below half the reserve, with node 1 leading the index shard: writes
@@ -204,7 +214,7 @@ async fn a_node_with_a_full_disk_refuses_new_data_and_recovers_when_space_return
     );
     assert_all_read_back(&client, &bucket, &acked).await;
     println!(
-        "{} objects acknowledged: {refused} refused below the reserve, {behind} stored without node 3",
+        "{} objects acknowledged: {refused} refused by node 3 below the reserve before it handed the index shard on, {behind} stored without node 3",
         acked.len()
     );
 

@@ -204,7 +204,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let collector = tokio::spawn(collect_deleted_tenants(objects.clone()));
     let follower = tokio::spawn(members::follow(objects.chunks.clone()));
     let coordinator = tokio::spawn(rebalance::coordinate(objects.chunks.clone()));
-    let mut background = vec![repair, collector, follower, coordinator];
+    let low_disk = tokio::spawn(crate::shard::low_disk::run(host.clone()));
+    let mut background = vec![repair, collector, follower, coordinator, low_disk];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }

@@ -31,10 +31,15 @@ pub const CONNECTIONS_PER_NODE: usize = 3;
 
 /// Longest a connection to a node may take, TCP and TLS together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A ping every 5 s, idle or not, finds a dead connection before a call does.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// Two intervals: one ping delayed on a busy machine is not a dead peer.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A ping every second, idle or not: a paused or cut-off node is found
+/// within about an election timeout, and the calls stuck on it fail over
+/// (reads, and writes a node may send again) instead of waiting out the
+/// client's patience.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// A ping is answered by the peer's HTTP/2 connection task, not by a
+/// handler, so slow requests do not delay it; three seconds leave room for
+/// a busy runtime on two cores.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A 4 MiB chunk per stream per round trip, without waiting on updates.
 const STREAM_WINDOW: u32 = 4 << 20;
 /// Four chunks in flight per connection before senders wait.

@@ -34,8 +34,10 @@ const ATTEMPTS: u32 = 3;
 /// Pause before the second try; doubled before each later one.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// No try starts later than this after the first: past it the client is
-/// better served by a quick 503 and its own retry.
-const WINDOW: Duration = Duration::from_secs(3);
+/// better served by a quick 503 and its own retry. It outlasts finding a
+/// silent node dead (a keep-alive ping unanswered, about 4 s, see
+/// `rpc::pool`), so a read stuck on a paused node is still tried elsewhere.
+const WINDOW: Duration = Duration::from_secs(6);
 
 /// Runs `attempt` with a client of the node chosen for `bucket` (and that
 /// node's index in the router), and again, elsewhere, when its failure

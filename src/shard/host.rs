@@ -376,6 +376,26 @@ impl ShardHost {
         self.layout_stale.notified().await
     }
 
+    /// True while the data disk is below its reserve.
+    pub fn disk_is_low(&self) -> bool {
+        self.opener.space.is_low()
+    }
+
+    /// If this node leads `shard`: the other voter furthest along its log,
+    /// to lead it instead.
+    pub fn heir(&self, shard: ShardId) -> Option<NodeId> {
+        let metrics = self.replica(shard)?.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return None;
+        }
+        let matched = |n: &NodeId| {
+            let replication = metrics.replication.as_ref()?;
+            replication.get(n).cloned().flatten().map(|l| l.index)
+        };
+        let voters = metrics.membership_config.membership().voter_ids();
+        voters.filter(|v| *v != self.id).max_by_key(matched)
+    }
+
     /// This node's replicas, in shard order.
     pub fn local_shards(&self) -> Vec<ShardId> {
         let mut v: Vec<_> = self.replicas.read().unwrap().keys().copied().collect();
@@ -666,7 +686,10 @@ impl ShardHost {
             )));
         }
         let lease = Duration::from_millis(self.opener.config.election_timeout_max);
-        let _quiet = r.quiet.write().await;
+        // Calls stuck on a log that cannot append (a full disk) would hold
+        // the lock to their deadline: past a lease, hand over without
+        // holding new calls back.
+        let _quiet = tokio::time::timeout(lease, r.quiet.write()).await.ok();
         raft.runtime_config().heartbeat(false);
         tokio::time::sleep(lease + Duration::from_millis(50)).await;
         let msg = pb::ShardCall {

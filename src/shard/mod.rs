@@ -23,6 +23,7 @@ pub mod flusher;
 pub mod host;
 pub mod log_keeper;
 pub mod log_store;
+pub mod low_disk;
 pub mod network;
 pub mod read_gate;
 pub mod segment_log;
