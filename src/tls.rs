@@ -117,6 +117,25 @@ impl Authority {
     }
 }
 
+/// A fresh CA and a gateway identity it issued for 127.0.0.1, written
+/// into `dir`: what unit tests of internal clients connect with.
+#[cfg(test)]
+pub fn gateway_files_for_tests(dir: &Path) -> crate::config::TlsFiles {
+    let ca = Authority::generate("test").unwrap();
+    let issued = ca
+        .issue("gateway", &["127.0.0.1".into()], Role::Gateway)
+        .unwrap();
+    let files = crate::config::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("gw.pem"),
+        key: dir.join("gw.key"),
+    };
+    write_pem(&files.ca, &ca.cert_pem(), false).unwrap();
+    write_pem(&files.cert, &issued.cert_pem, false).unwrap();
+    write_pem(&files.key, &issued.key_pem, true).unwrap();
+    files
+}
+
 /// Writes `contents` to `path`, readable by the owner only when `secret`.
 pub fn write_pem(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
     use std::io::Write;

@@ -11,6 +11,7 @@
 mod common;
 
 use aws_sdk_s3::primitives::ByteStream;
+use common::run;
 use lumbung::admin::S3Env;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -23,17 +24,6 @@ const PUBLIC_CLIENT: &str = "10.99.1.10";
 const INTERNAL_GATEWAY: &str = "10.99.2.1";
 const NODES: [&str; 3] = ["10.99.2.11", "10.99.2.12", "10.99.2.13"];
 const BASE_PORT: u16 = 7480;
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn ip(args: &[&str]) -> String {
     run("ip", args)

@@ -266,19 +266,7 @@ mod tests {
 
     /// A pool with a gateway identity of a fresh CA, its files in `dir`.
     fn pool(dir: &std::path::Path) -> Pool {
-        let ca = Authority::generate("test").unwrap();
-        let issued = ca
-            .issue("gateway", &["127.0.0.1".into()], Role::Gateway)
-            .unwrap();
-        let files = TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("gw.pem"),
-            key: dir.join("gw.key"),
-        };
-        write_pem(&files.ca, &ca.cert_pem(), false).unwrap();
-        write_pem(&files.cert, &issued.cert_pem, false).unwrap();
-        write_pem(&files.key, &issued.key_pem, true).unwrap();
-        Pool::new(&files).unwrap()
+        Pool::new(&crate::tls::gateway_files_for_tests(dir)).unwrap()
     }
 
     #[tokio::test]

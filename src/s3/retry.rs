@@ -147,18 +147,7 @@ mod tests {
 
     /// A router of one node that refuses every connection.
     fn router_of_a_closed_port(dir: &std::path::Path) -> NodeRouter {
-        let ca = Authority::generate("test").unwrap();
-        let issued = ca
-            .issue("gw", &["127.0.0.1".into()], Role::Gateway)
-            .unwrap();
-        let files = TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("gw.pem"),
-            key: dir.join("gw.key"),
-        };
-        write_pem(&files.ca, &ca.cert_pem(), false).unwrap();
-        write_pem(&files.cert, &issued.cert_pem, false).unwrap();
-        write_pem(&files.key, &issued.key_pem, true).unwrap();
+        let files = crate::tls::gateway_files_for_tests(dir);
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

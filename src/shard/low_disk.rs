@@ -49,7 +49,9 @@ pub async fn run(host: Arc<ShardHost>) {
         for (shard, node, result) in futures::future::join_all(hand_overs).await {
             match result {
                 Ok(_) => tracing::warn!(%shard, node, "disk low: handed the shard's leadership on"),
-                Err(e) => tracing::warn!(%shard, node, "disk low: could not hand the shard on: {e}"),
+                Err(e) => {
+                    tracing::warn!(%shard, node, "disk low: could not hand the shard on: {e}")
+                }
             }
         }
     }

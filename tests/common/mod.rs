@@ -222,3 +222,18 @@ pub async fn shards_behind(
         .map(|s| s.shard)
         .collect()
 }
+
+/// Runs a command that must succeed (`ip`, `mount`, ...); returns its stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

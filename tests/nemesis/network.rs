@@ -11,6 +11,7 @@
 //! A node's data directory can live on a small tmpfs of its own, which a
 //! filler file fills up to make its disk full.
 
+use crate::common::run;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,18 +22,6 @@ pub const HUB_ADDR: &str = "10.77.0.1";
 /// Node `id`'s address on the bridge.
 pub fn node_addr(id: usize) -> String {
     format!("10.77.0.{}", 10 + id)
-}
-
-/// Runs a command that must succeed; returns its stdout.
-pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The hub and one namespace per node; every namespace (and with it every
