@@ -262,7 +262,6 @@ impl tower::Service<http::Uri> for NodeConnector {
 mod tests {
     use super::*;
     use crate::rpc::{pb, Failure};
-    use crate::tls::{write_pem, Authority, Role};
 
     /// A pool with a gateway identity of a fresh CA, its files in `dir`.
     fn pool(dir: &std::path::Path) -> Pool {

@@ -141,8 +141,6 @@ impl Routed for pb::TenantRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TlsFiles;
-    use crate::tls::{write_pem, Authority, Role};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A router of one node that refuses every connection.
