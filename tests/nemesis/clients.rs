@@ -337,13 +337,7 @@ impl Client {
             .history
             .invoke(self.id, key_name(key), Op::Put(value));
         let started = Instant::now();
-        let (outcome, failure) = match request.send().await {
-            Ok(_) => (Outcome::Ok(Observed::Done), None),
-            Err(e) => {
-                let f = Failure::of(&e);
-                (f.write_outcome(), Some(f))
-            }
-        };
+        let (outcome, failure) = write_ending(request.send().await);
         self.w
             .finish(call, "PUT", started, outcome, failure.as_ref());
     }
@@ -391,13 +385,7 @@ impl Client {
             .key(key_name(key));
         let call = self.w.history.invoke(self.id, key_name(key), Op::Delete);
         let started = Instant::now();
-        let (outcome, failure) = match request.send().await {
-            Ok(_) => (Outcome::Ok(Observed::Done), None),
-            Err(e) => {
-                let f = Failure::of(&e);
-                (f.write_outcome(), Some(f))
-            }
-        };
+        let (outcome, failure) = write_ending(request.send().await);
         self.w
             .finish(call, "DELETE", started, outcome, failure.as_ref());
     }
@@ -521,6 +509,19 @@ impl Client {
             });
         }
         self.w.count("LIST", started, reads[0], failure.as_ref());
+    }
+}
+
+/// How a plain write (PUT, DELETE) ended, for the history.
+fn write_ending<T, E: ProvideErrorMetadata + std::fmt::Debug>(
+    answer: Result<T, SdkError<E, HttpResponse>>,
+) -> Ending {
+    match answer {
+        Ok(_) => (Outcome::Ok(Observed::Done), None),
+        Err(e) => {
+            let f = Failure::of(&e);
+            (f.write_outcome(), Some(f))
+        }
     }
 }
 
