@@ -89,6 +89,10 @@ pub struct Bootstrap {
 #[serde(default)]
 pub struct RaftTuning {
     pub heartbeat_ms: u64,
+    /// A follower that hears nothing from its leader stands for election
+    /// after `election_max_ms` (openraft's leader lease) plus a random
+    /// time between these two: 1.5 to 2 s with the defaults, which is what
+    /// a lost leader costs its shard's clients.
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     /// Build a snapshot (and purge the log) after this many applied entries.
@@ -99,8 +103,8 @@ impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_ms: 150,
-            election_min_ms: 750,
-            election_max_ms: 1500,
+            election_min_ms: 500,
+            election_max_ms: 1000,
             snapshot_every: 20_000,
         }
     }

@@ -29,17 +29,21 @@ use tonic::transport::{Channel, Endpoint};
 /// window hits a third of the calls, few enough to stay cheap on 2 cores.
 pub const CONNECTIONS_PER_NODE: usize = 3;
 
-/// Longest a connection to a node may take, TCP and TLS together.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A ping every second, idle or not: a paused or cut-off node is found
-/// within about an election timeout, and the calls stuck on it fail over
-/// (reads, and writes a node may send again) instead of waiting out the
-/// client's patience.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a connection to a node may take, TCP and TLS together. A paused
+/// node's kernel still completes TCP handshakes, so this is how long a
+/// call to it waits before it is sent elsewhere.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A ping after half a second without a frame, idle or not: a paused or
+/// cut-off node is found within [`KEEPALIVE_INTERVAL`] plus
+/// [`KEEPALIVE_TIMEOUT`], about when its shards have elected new leaders
+/// (see `config::RaftTuning`), and the calls stuck on it fail over (reads,
+/// and writes a node may send again) instead of waiting out the client's
+/// patience.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// A ping is answered by the peer's HTTP/2 connection task, not by a
-/// handler, so slow requests do not delay it; three seconds leave room for
-/// a busy runtime on two cores.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// handler, so slow requests do not delay it; the 30-minute soak at
+/// saturation on two cores is the evidence that a second is room enough.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A 4 MiB chunk per stream per round trip, without waiting on updates.
 const STREAM_WINDOW: u32 = 4 << 20;
 /// Four chunks in flight per connection before senders wait.

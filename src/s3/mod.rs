@@ -25,7 +25,6 @@ use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 use std::sync::Arc;
 
 pub use errors::s3_error_of;
-use retry::is_unreachable;
 
 /// The gateway's implementation of the S3 API.
 pub struct S3Front {

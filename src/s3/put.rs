@@ -7,7 +7,7 @@
 //! Without it the node stores nothing.
 
 use super::{s3_error_of, S3Front};
-use crate::rpc::pb;
+use crate::rpc::{pb, Failure};
 use base64::Engine;
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -229,7 +229,9 @@ impl S3Front {
         match reply {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => {
-                if super::is_unreachable(&s) {
+                if !matches!(Failure::of(&s), Failure::Answered(_)) {
+                    // Passed over for a while, so the client's retry of
+                    // this PUT does not wait on the same node again.
                     self.router.report_failure(i);
                 }
                 Err(s3_error_of(&s))

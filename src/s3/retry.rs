@@ -35,8 +35,10 @@ const ATTEMPTS: u32 = 3;
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// No try starts later than this after the first: past it the client is
 /// better served by a quick 503 and its own retry. It outlasts finding a
-/// silent node dead (a keep-alive ping unanswered, about 4 s, see
-/// `rpc::pool`), so a read stuck on a paused node is still tried elsewhere.
+/// silent node dead (a keep-alive ping unanswered, at most 1.5 s, see
+/// `rpc::pool`) and a new leader's election (at most 2 s, see
+/// `config::RaftTuning`), so a read stuck on a paused node is still tried
+/// elsewhere.
 const WINDOW: Duration = Duration::from_secs(6);
 
 /// Runs `attempt` with a client of the node chosen for `bucket` (and that
@@ -104,11 +106,6 @@ impl S3Front {
         .map(tonic::Response::into_inner)
         .map_err(s3_error_of_failure)
     }
-}
-
-/// A transport failure before the request reached a node's handler.
-pub(super) fn is_unreachable(s: &tonic::Status) -> bool {
-    matches!(Failure::of(s), Failure::NotDelivered(_))
 }
 
 /// The bucket a request concerns, which decides the node it goes to.

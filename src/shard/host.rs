@@ -32,6 +32,8 @@ use tokio::time::Instant;
 const ROUTE_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a leader may take to commit one command.
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
+/// How often a call waiting for a shard's new leader looks again.
+const LEADER_POLL: Duration = Duration::from_millis(25);
 
 /// One local replica: its Raft handle and where its state lives.
 struct Replica {
@@ -75,6 +77,8 @@ pub struct ShardHost {
     pool: Arc<Pool>,
     /// Last leader seen per shard, to send the next call straight there.
     hints: Mutex<HashMap<ShardId, NodeId>>,
+    /// What this node last heard from shards' leaders.
+    heard: Mutex<Heard>,
     /// Raised when a peer talks about a shard this node has no replica of:
     /// the layout probably gave it one, so it should look now.
     layout_stale: tokio::sync::Notify,
@@ -83,6 +87,14 @@ pub struct ShardHost {
     /// votes and replication never queue behind request work (TLS, hashing,
     /// sealing) on the node's main runtime.
     raft_runtime: RaftRuntime,
+}
+
+/// When each local replica last had an AppendEntries (heartbeats
+/// included) from its leader, and which node that was; and when any did.
+#[derive(Default)]
+struct Heard {
+    by_shard: HashMap<ShardId, (NodeId, Instant)>,
+    last: Option<Instant>,
 }
 
 /// A tokio runtime for the Raft cores, shut down without blocking when
@@ -198,6 +210,7 @@ impl ShardHost {
             },
             pool,
             hints: Mutex::new(HashMap::new()),
+            heard: Mutex::new(Heard::default()),
             layout_stale: tokio::sync::Notify::new(),
             flusher,
             raft_runtime: RaftRuntime::start()?,
@@ -473,6 +486,13 @@ impl ShardHost {
         };
         let mut attempt = 0usize;
         loop {
+            if target != self.id && self.leader_silent(shard, target) {
+                // Paused, cut off or gone: a call would wait out a
+                // connection timeout. Its followers elect another soon.
+                if let Some(l) = self.await_other_leader(shard, target, true).await {
+                    target = l;
+                }
+            }
             let (result, delivered) = if target == self.id {
                 let result = match &call {
                     Call::Propose(c) => self.propose_here(shard, c).await,
@@ -507,14 +527,74 @@ impl ShardHost {
             let known = |l: &NodeId| members.contains(l) || self.addr_of(*l).is_some();
             target = match leader.filter(|l| known(l) && *l != target) {
                 Some(l) => l,
-                None => {
-                    // No usable hint: an election is likely running. Back off
-                    // a little and try the next replica.
-                    tokio::time::sleep(Duration::from_millis(20 * attempt.min(25) as u64)).await;
-                    members[attempt % members.len()]
-                }
+                None => match self.await_other_leader(shard, target, false).await {
+                    Some(l) => l,
+                    None => {
+                        // Nothing local to wait on: back off a little and
+                        // try the next replica, not the one that just failed.
+                        let pause = Duration::from_millis(20 * attempt.min(25) as u64);
+                        tokio::time::sleep(pause).await;
+                        let next = members[attempt % members.len()];
+                        if next == target && members.len() > 1 {
+                            members[(attempt + 1) % members.len()]
+                        } else {
+                            next
+                        }
+                    }
+                },
             };
         }
+    }
+
+    /// The leader this node's own replica of `shard` learns of, other than
+    /// `failed`, within about an election: after a call to `failed` found
+    /// no leader there (or no answer), or while `failed` is silent (then
+    /// the wait ends if it speaks again). Until an election ends the local
+    /// hint still names `failed`, and each call to it cost a connection
+    /// timeout. None without a local replica, or when no other leader
+    /// appears.
+    async fn await_other_leader(
+        &self,
+        shard: ShardId,
+        failed: NodeId,
+        while_silent: bool,
+    ) -> Option<NodeId> {
+        let r = self.replica(shard)?;
+        let election = Duration::from_millis(self.opener.config.election_timeout_max);
+        let until = Instant::now() + election * 2;
+        loop {
+            let leader = r.raft.metrics().borrow().current_leader;
+            if let Some(l) = leader.filter(|&l| l != failed) {
+                return Some(l);
+            }
+            if Instant::now() >= until || (while_silent && !self.leader_silent(shard, failed)) {
+                return None;
+            }
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
+    /// Notes that `leader` sent this node's replica of `shard` an
+    /// AppendEntries (a heartbeat at least every `heartbeat_ms`).
+    pub fn heard_from_leader(&self, shard: ShardId, leader: NodeId) {
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        heard.by_shard.insert(shard, (leader, now));
+        heard.last = Some(now);
+    }
+
+    /// Whether `node` led this node's replica of `shard` and has sent it
+    /// nothing for several heartbeats, while other leaders reach this node:
+    /// then `node` is paused, cut off or gone. False without that evidence
+    /// (no replica here, never heard from `node`, or this node hears no one
+    /// either, as when it was the one cut off or paused).
+    fn leader_silent(&self, shard: ShardId, node: NodeId) -> bool {
+        let silent_after = Duration::from_millis(self.opener.config.heartbeat_interval * 4);
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let others_heard = heard.last.is_some_and(|t| t.elapsed() <= silent_after);
+        let shard_heard = heard.by_shard.get(&shard);
+        others_heard
+            && shard_heard.is_some_and(|&(from, at)| from == node && at.elapsed() > silent_after)
     }
 
     /// Who leads `shard` once a call reached its leader; None if none did.

@@ -81,10 +81,7 @@ impl Processes {
         let child = command
             .args([what, "--config"])
             .arg(self.dir.join(file))
-            .env(
-                "RUST_LOG",
-                "warn,openraft=error,lumbung::shard=info,lumbung::node=info",
-            )
+            .env("RUST_LOG", process_log_filter())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -213,4 +210,12 @@ pub fn set_snapshot_every(dir: &Path, entries: u64) {
         );
         std::fs::write(&p, text).unwrap();
     }
+}
+
+/// What the processes log: `LUMBUNG_TEST_LOG` (a `RUST_LOG` filter) when
+/// set, to follow one fault in detail; warnings and the shards' and nodes'
+/// own lines otherwise.
+fn process_log_filter() -> String {
+    std::env::var("LUMBUNG_TEST_LOG")
+        .unwrap_or_else(|_| "warn,openraft=error,lumbung::shard=info,lumbung::node=info".into())
 }

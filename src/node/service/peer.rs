@@ -5,8 +5,9 @@ use super::{bad, ok, NodeService, Rpc};
 use crate::rpc::pb;
 use crate::rpc::status_of;
 use crate::shard::command::MembershipOp;
-use crate::shard::{decode, encode, Command, Query};
+use crate::shard::{decode, encode, Command, Query, TypeConfig};
 use crate::types::{ChunkId, ShardId};
+use openraft::raft::AppendEntriesRequest;
 use tonic::Response;
 use tonic::{Request, Status};
 
@@ -24,11 +25,14 @@ pub(super) async fn raft(
         .ok_or_else(|| Status::not_found(format!("no replica of shard {shard} here")))?;
     let de = |e: rmp_serde::decode::Error| Status::invalid_argument(e.to_string());
     let payload = match msg.kind.as_str() {
-        "append" => encode(
-            &raft
-                .append_entries(crate::shard::command::from_msgpack(&msg.payload).map_err(de)?)
-                .await,
-        ),
+        "append" => {
+            let rpc: AppendEntriesRequest<TypeConfig> =
+                crate::shard::command::from_msgpack(&msg.payload).map_err(de)?;
+            if let Some(leader) = rpc.vote.leader_id().voted_for() {
+                this.objects.chunks.host.heard_from_leader(shard, leader);
+            }
+            encode(&raft.append_entries(rpc).await)
+        }
         "vote" => encode(
             &raft
                 .vote(crate::shard::command::from_msgpack(&msg.payload).map_err(de)?)
