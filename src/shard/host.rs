@@ -97,6 +97,22 @@ struct Heard {
     last: Option<Instant>,
 }
 
+impl Heard {
+    fn note(&mut self, shard: ShardId, leader: NodeId) {
+        let now = Instant::now();
+        self.by_shard.insert(shard, (leader, now));
+        self.last = Some(now);
+    }
+
+    /// Whether `node`, the last leader heard on `shard`, has been silent
+    /// longer than `after` while some leader was heard within it.
+    fn silent(&self, shard: ShardId, node: NodeId, after: Duration) -> bool {
+        let others_heard = self.last.is_some_and(|t| t.elapsed() <= after);
+        let this = self.by_shard.get(&shard);
+        others_heard && this.is_some_and(|&(from, at)| from == node && at.elapsed() > after)
+    }
+}
+
 /// A tokio runtime for the Raft cores, shut down without blocking when
 /// the host goes (it may be dropped inside another runtime).
 struct RaftRuntime(Option<tokio::runtime::Runtime>);
@@ -577,10 +593,10 @@ impl ShardHost {
     /// Notes that `leader` sent this node's replica of `shard` an
     /// AppendEntries (a heartbeat at least every `heartbeat_ms`).
     pub fn heard_from_leader(&self, shard: ShardId, leader: NodeId) {
-        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        heard.by_shard.insert(shard, (leader, now));
-        heard.last = Some(now);
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(shard, leader);
     }
 
     /// Whether `node` led this node's replica of `shard` and has sent it
@@ -589,12 +605,11 @@ impl ShardHost {
     /// (no replica here, never heard from `node`, or this node hears no one
     /// either, as when it was the one cut off or paused).
     fn leader_silent(&self, shard: ShardId, node: NodeId) -> bool {
-        let silent_after = Duration::from_millis(self.opener.config.heartbeat_interval * 4);
-        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        let others_heard = heard.last.is_some_and(|t| t.elapsed() <= silent_after);
-        let shard_heard = heard.by_shard.get(&shard);
-        others_heard
-            && shard_heard.is_some_and(|&(from, at)| from == node && at.elapsed() > silent_after)
+        let after = Duration::from_millis(self.opener.config.heartbeat_interval * 4);
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .silent(shard, node, after)
     }
 
     /// Who leads `shard` once a call reached its leader; None if none did.
@@ -873,5 +888,38 @@ pub fn basic_node(layout: &Layout, node: NodeId) -> BasicNode {
             .addr_of(node)
             .map(|a| a.to_string())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_is_silent_only_while_other_leaders_are_heard() {
+        let (a, b) = (ShardId(1), ShardId(2));
+        let after = Duration::from_millis(600);
+        let mut heard = Heard::default();
+        // Never heard: no evidence either way.
+        assert!(!heard.silent(a, 3, after));
+        heard.note(a, 3);
+        heard.note(b, 2);
+        assert!(!heard.silent(a, 3, after));
+        // Node 3 goes quiet while node 2 keeps sending heartbeats.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(150)).await;
+            heard.note(b, 2);
+        }
+        assert!(heard.silent(a, 3, after));
+        // Only the leader last heard on the shard can be silent on it.
+        assert!(!heard.silent(a, 1, after));
+        // A new leader speaks on the shard.
+        heard.note(a, 1);
+        assert!(!heard.silent(a, 3, after));
+        // This node hears no one (it was the one paused or cut off): no
+        // leader counts as silent.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!heard.silent(a, 1, after));
+        assert!(!heard.silent(b, 2, after));
     }
 }
