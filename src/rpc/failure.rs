@@ -92,6 +92,12 @@ impl Failure {
         }
     }
 
+    /// Whether the connection failed rather than the node answering: the
+    /// node is then passed over for a while.
+    pub fn in_transport(&self) -> bool {
+        !matches!(self, Failure::Answered(_))
+    }
+
     /// Whether a call of `kind` that failed so may be sent again, on any
     /// node: always when it never arrived; a read whenever the failure is
     /// transient; a write also when the node said it is not the shard's

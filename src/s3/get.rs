@@ -203,7 +203,7 @@ impl Rest {
                 Ok(None) => Failure::Lost("the stream ended early".into()),
                 Err(s) => Failure::of(&s),
             };
-            if !matches!(broke, Failure::Answered(_)) {
+            if broke.in_transport() {
                 // Passed over for a while: the resume goes elsewhere.
                 self.router.report_failure(self.node);
             }

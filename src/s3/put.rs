@@ -229,7 +229,7 @@ impl S3Front {
         match reply {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => {
-                if !matches!(Failure::of(&s), Failure::Answered(_)) {
+                if Failure::of(&s).in_transport() {
                     // Passed over for a while, so the client's retry of
                     // this PUT does not wait on the same node again.
                     self.router.report_failure(i);
