@@ -9,10 +9,12 @@
 //! it with node 1 leading the index shard (nodes 1 and 2 store new
 //! objects; node 3's Raft appends wait and it falls behind). Meanwhile
 //! every request answers 200 or 507, and every acknowledged object reads
-//! back. The filler
-//! goes, node 3 catches up by itself, and with node 1 stopped every
-//! acknowledged object still reads back from nodes 2 and 3. Needs root
-//! (`mount`); the mount is removed when the test ends, pass or fail.
+//! back. The filler goes, node 3 catches up by itself. Then its disk fills
+//! below half the reserve at once while it leads the index shard: PUTs and
+//! DELETEs go on at another replica without waiting for the write
+//! deadline. With node 1 stopped every acknowledged object still reads
+//! back from nodes 2 and 3. Needs root (`mount`); the mount is removed
+//! when the test ends, pass or fail.
 
 mod common;
 
@@ -224,6 +226,40 @@ async fn a_node_with_a_full_disk_refuses_new_data_and_recovers_when_space_return
     for seed in 60..70 {
         acked.push(write(&client, &bucket, seed).await.expect("room again"));
     }
+
+    // Below half the reserve at once while node 3 leads the index shard:
+    // its Raft core waits with the first append it gets. Calls caught
+    // there go on at the replica elected next instead of waiting for the
+    // write deadline (10 s), and a delete is retried there safely.
+    lead(node1_host.clone(), index, 3).await;
+    disk.fill_to(10 << 20);
+    let filled = tokio::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut seed = 2000;
+    while filled.elapsed() < Duration::from_secs(6) {
+        let started = tokio::time::Instant::now();
+        if let Some((key, ..)) = write(&client, &bucket, seed).await {
+            client
+                .delete_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("deleting {key}: {e:?}"));
+        }
+        slowest = slowest.max(started.elapsed());
+        seed += 1;
+    }
+    assert!(
+        slowest < Duration::from_secs(8),
+        "a call waited {slowest:?} on a leader whose log waits for space"
+    );
+    println!(
+        "with node 3 leading when its disk filled: {} PUT+DELETE rounds, the slowest took {slowest:?}",
+        seed - 2000
+    );
+    disk.empty();
+    wait_caught_up(&admin, Duration::from_secs(90)).await;
 
     // Node 3 holds everything: with node 1 gone, 2 and 3 serve it all.
     cluster.stop_node(1).await;

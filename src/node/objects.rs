@@ -455,6 +455,8 @@ impl Objects {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             key: key.to_string(),
+            write_id: Some(WriteId::random()),
+            requested_ms: now_ms(),
         };
         self.host()
             .propose(self.index(tenant, bucket), &cmd)

@@ -279,6 +279,12 @@ pub enum Command {
         tenant: String,
         bucket: String,
         key: String,
+        /// Applied once per id, so a retry after an unknown outcome cannot
+        /// delete a later write (entries logged before it had none).
+        #[serde(default)]
+        write_id: Option<WriteId>,
+        #[serde(default)]
+        requested_ms: i64,
     },
     CreateUpload {
         tenant: String,
@@ -381,6 +387,11 @@ impl Command {
                 modified_ms,
                 ..
             } => write_id.map(|id| (id, *modified_ms)),
+            Command::DeleteObject {
+                write_id,
+                requested_ms,
+                ..
+            } => write_id.map(|id| (id, *requested_ms)),
             _ => None,
         }
     }

@@ -8,7 +8,7 @@
 
 use super::command::{decode, encode, Command, MembershipOp, Query, Reply, ShardError, Value};
 use super::flusher::Flusher;
-use super::log_store::LogStore;
+use super::log_store::{AppendHeld, LogStore};
 use super::network::Network;
 use super::read_gate::ReadGate;
 use super::segment_log::SegmentLog;
@@ -46,6 +46,9 @@ struct Replica {
     /// while they hear from the leader, and every write or confirmation is
     /// such a message, so a busy shard's hand-over must hold them back.
     quiet: tokio::sync::RwLock<()>,
+    /// Raised while the replica's log waits for disk space, and its Raft
+    /// core with it.
+    held: AppendHeld,
 }
 
 /// What opening a replica takes, kept for replicas a new layout assigns.
@@ -246,12 +249,14 @@ impl ShardHost {
             shard,
             pool: self.pool.clone(),
         };
+        let held = AppendHeld::default();
         let log_store = LogStore::open(
             &o.meta,
             o.log.clone(),
             shard,
             self.flusher.clone(),
             o.space.clone(),
+            held.clone(),
         )
         .await?;
         let sm = StateMachine::new(
@@ -274,6 +279,7 @@ impl ShardHost {
             space: state_machine::space_of(shard),
             reads: ReadGate::default(),
             quiet: tokio::sync::RwLock::new(()),
+            held,
         };
         self.replicas
             .write()
@@ -576,6 +582,10 @@ impl ShardHost {
         while_silent: bool,
     ) -> Option<NodeId> {
         let r = self.replica(shard)?;
+        if r.held.is_held() {
+            // The replica's core waits for disk space: it learns nothing.
+            return None;
+        }
         let election = Duration::from_millis(self.opener.config.election_timeout_max);
         let until = Instant::now() + election * 2;
         loop {
@@ -674,6 +684,9 @@ impl ShardHost {
         let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
+        if r.held.is_held() {
+            return Err(ShardError::NotLeader { leader: None });
+        }
         if cmd.adds_data() {
             if let Some(why) = self.opener.space.refusal() {
                 return Err(ShardError::InsufficientStorage(why));
@@ -688,7 +701,18 @@ impl ShardHost {
         if leader != Some(self.id) {
             return Err(ShardError::NotLeader { leader });
         }
-        match tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone())).await {
+        let write = tokio::time::timeout(WRITE_DEADLINE, r.raft.client_write(cmd.clone()));
+        let outcome = tokio::select! {
+            outcome = write => outcome,
+            // The entry waits for disk space here, where it may stay for
+            // good; the retry goes to the leader the followers elect.
+            () = r.held.until_held() => {
+                return Err(ShardError::Unavailable(format!(
+                    "shard {shard}'s log waits for disk space on its leader; the write may yet commit"
+                )));
+            }
+        };
+        match outcome {
             Err(_) => Err(ShardError::Unavailable(format!(
                 "shard {shard} did not commit within {WRITE_DEADLINE:?}; it may yet"
             ))),
@@ -820,9 +844,16 @@ impl ShardHost {
         let Some(r) = self.replica(shard) else {
             return Err(ShardError::NotLeader { leader: None });
         };
+        let not_here = || ShardError::NotLeader { leader: None };
+        if r.held.is_held() {
+            return Err(not_here());
+        }
         {
             let _speaking = r.quiet.read().await;
-            r.reads.confirm(&r.raft).await?;
+            tokio::select! {
+                confirmed = r.reads.confirm(&r.raft) => confirmed?,
+                () = r.held.until_held() => return Err(not_here()),
+            }
         }
         let (space, q) = (r.space.clone(), q.clone());
         self.opener

@@ -37,9 +37,41 @@ pub struct LogStore {
     flusher: Flusher,
     /// The data disk's free space: appends wait while it is critical.
     disk: Arc<SpaceGuard>,
+    /// Raised while an append waits for that space.
+    held: AppendHeld,
     /// When the committed id was last written: it changes on every commit,
     /// and is worth at most one store write a second (see save_committed).
     committed_written: Option<std::time::Instant>,
+}
+
+/// Whether a replica's log append is waiting for room on a nearly full
+/// disk. Its Raft core waits with the append: it sends no heartbeats and
+/// answers nothing, so while it leads, calls must not wait on it (see
+/// `ShardHost::propose_here`); its followers elect another leader.
+#[derive(Clone)]
+pub struct AppendHeld(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for AppendHeld {
+    fn default() -> Self {
+        AppendHeld(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl AppendHeld {
+    pub fn is_held(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Returns once an append is held (at once if one is).
+    pub async fn until_held(&self) {
+        let mut held = self.0.subscribe();
+        // An error means the log store is gone: then nothing will commit.
+        let _ = held.wait_for(|h| *h).await;
+    }
+
+    fn set(&self, held: bool) {
+        self.0.send_replace(held);
+    }
 }
 
 /// How often the committed id is written to the store.
@@ -72,6 +104,7 @@ impl LogStore {
         shard: ShardId,
         flusher: Flusher,
         disk: Arc<SpaceGuard>,
+        held: AppendHeld,
     ) -> anyhow::Result<LogStore> {
         let store = LogStore {
             shard,
@@ -80,6 +113,7 @@ impl LogStore {
             space: space_of(shard),
             flusher,
             disk,
+            held,
             committed_written: None,
         };
         // Entries up to the purge point may still sit in older segments.
@@ -245,7 +279,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect();
         // On a nearly full disk the replica falls behind rather than fail:
         // a failed append would stop it for good.
-        self.disk.wait_for_room().await;
+        if self.disk.is_critical() {
+            self.held.set(true);
+            self.disk.wait_for_room().await;
+            self.held.set(false);
+        }
         let shard = self.shard;
         self.on_log(move |log| log.append(shard, &encoded))
             .await

@@ -504,6 +504,7 @@ impl<'a> State<'a> {
                 tenant,
                 bucket,
                 key: object,
+                ..
             } => {
                 self.require_index(tenant, bucket)?;
                 let k = object_key(tenant, bucket, object);
@@ -1167,6 +1168,26 @@ mod tests {
         let current = put("k", manifest("e2", id(14)), if_match("e1"));
         s.apply_twice(&current).unwrap();
         assert_eq!(s.object("k"), Some(manifest("e2", id(14))));
+    }
+
+    #[test]
+    fn a_delete_retried_after_a_later_put_leaves_that_put() {
+        let mut s = bucket_with_upload("u1");
+        s.apply(&put("k", manifest("e1", id(10)), Precondition::default()))
+            .unwrap();
+        let delete = Command::DeleteObject {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            key: "k".into(),
+            write_id: id(11),
+            requested_ms: 3,
+        };
+        s.apply_twice(&delete).unwrap();
+        assert_eq!(s.object("k"), None);
+        s.apply(&put("k", manifest("e2", id(12)), Precondition::default()))
+            .unwrap();
+        s.apply(&delete).unwrap();
+        assert_eq!(s.object("k"), Some(manifest("e2", id(12))));
     }
 
     #[test]
