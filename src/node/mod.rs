@@ -205,7 +205,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let follower = tokio::spawn(members::follow(objects.chunks.clone()));
     let coordinator = tokio::spawn(rebalance::coordinate(objects.chunks.clone()));
     let low_disk = tokio::spawn(crate::shard::low_disk::run(host.clone()));
-    let mut background = vec![repair, collector, follower, coordinator, low_disk];
+    let compactor = tokio::spawn(crate::shard::log_compactor::run(host.log().clone()));
+    let mut background = vec![
+        repair,
+        collector,
+        follower,
+        coordinator,
+        low_disk,
+        compactor,
+    ];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));
     }

@@ -477,6 +477,11 @@ impl ShardHost {
         &self.pool
     }
 
+    /// The Raft log every local replica shares.
+    pub fn log(&self) -> &Arc<SegmentLog> {
+        &self.opener.log
+    }
+
     /// Replicates `cmd` through `shard`'s log and returns its result.
     pub async fn propose(&self, shard: ShardId, cmd: &Command) -> Reply {
         self.route(shard, Call::Propose(cmd)).await

@@ -21,6 +21,7 @@
 pub mod command;
 pub mod flusher;
 pub mod host;
+pub mod log_compactor;
 pub mod log_keeper;
 pub mod log_store;
 pub mod low_disk;
