@@ -6,10 +6,13 @@
 //! middle of calls and of GET streams. Nodes talk to each other directly.
 //! With the client's own retries off, every GET, HEAD and listing must
 //! succeed (the gateway retries reads and resumes broken GET bodies), and
-//! every write must answer 200 or 503 SlowDown with `Retry-After`, never
-//! 500. Afterwards every write that answered 200 reads back byte for byte,
-//! every delete that answered 204 is gone, and a PUT that answered 503 is
-//! either absent or whole.
+//! so must every PUT (all under 1 MiB, so the gateway holds them whole)
+//! and DELETE: both carry a write id, so the gateway sends them again
+//! elsewhere and the node applies them once. Any write may answer 503
+//! SlowDown with `Retry-After` (the test counts those as failures of the
+//! resend), never 500. Afterwards every write that answered 200 reads back
+//! byte for byte, every delete that answered 204 is gone, and a PUT that
+//! answered 503 is either absent or whole.
 //!
 //! TCP resets do not reach tonic as Internal statuses. The h2-level
 //! failures of the original report (GOAWAY, RST_STREAM, which tonic turns
@@ -381,6 +384,12 @@ async fn reads_survive_resets_and_writes_answer_200_or_503() {
     assert!(read_failures.is_empty(), "reads failed: {read_failures:?}");
     assert!(writes.violations.is_empty(), "{:?}", writes.violations);
     assert!(writes.acked.len() > 50, "the writers hardly ran");
+    assert!(
+        writes.refused.is_empty() && writes.unsure.is_empty(),
+        "named writes answered 503 though they can be sent again: PUT {:?}, DELETE {:?}",
+        writes.refused,
+        writes.unsure
+    );
 
     // Every acknowledged write is there, byte for byte; every
     // acknowledged delete took; a refused PUT left nothing or all.

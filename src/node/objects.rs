@@ -450,12 +450,20 @@ impl Objects {
         })
     }
 
-    pub async fn delete(&self, tenant: &str, bucket: &str, key: &str) -> Result<()> {
+    /// Deletes `key`; `write_id` names the client request (see
+    /// `Command::DeleteObject`).
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        key: &str,
+        write_id: WriteId,
+    ) -> Result<()> {
         let cmd = Command::DeleteObject {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             key: key.to_string(),
-            write_id: Some(WriteId::random()),
+            write_id: Some(write_id),
             requested_ms: now_ms(),
         };
         self.host()

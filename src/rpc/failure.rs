@@ -13,10 +13,11 @@
 //!   gRPC's `Unavailable` with no other cause). Any call may be sent
 //!   again: nothing was done.
 //! - **lost**: the request may have reached the node, which may or may not
-//!   have applied it. A read may be sent again; a write must not be,
-//!   because a second run of it can answer wrongly (a repeated
-//!   CreateBucket says the bucket exists) or undo a later write (a
-//!   repeated delete after someone's PUT).
+//!   have applied it. A read may be sent again; so may a write the gateway
+//!   names with a write id, which the node applies once however often it
+//!   arrives. Any other write must not be, because a second run of it can
+//!   answer wrongly or undo a later write (a repeated delete after
+//!   someone's PUT).
 //!
 //! Whether a call is a read is a property of its RPC method, so it is one
 //! table here ([`CallKind::of_method`]); a method missing from it counts
@@ -40,8 +41,12 @@ pub enum Failure {
 pub enum CallKind {
     /// Changes nothing: running it twice answers as running it once.
     Read = 1,
+    /// A write its request names with a write id (or a creation id), which
+    /// the node applies once however often it arrives
+    /// (`State::apply_once`): repeated as a read is.
+    NamedWrite = 2,
     /// May change state: repeated only when it provably did not run.
-    Write = 2,
+    Write = 3,
 }
 
 impl CallKind {
@@ -52,6 +57,9 @@ impl CallKind {
             | "ListParts" | "ListUploads" | "LookupAccessKey" | "Routes" | "Query" | "GetChunk"
             | "ShardChunks" | "LocalLayout" | "Status" | "ListTenants" | "ShowTenant"
             | "ListAccessKeys" | "ListNodes" | "RebalanceProgress" => CallKind::Read,
+            "CreateBucket" | "DeleteObject" | "CopyObject" | "CompleteUpload" => {
+                CallKind::NamedWrite
+            }
             _ => CallKind::Write,
         }
     }
@@ -100,16 +108,17 @@ impl Failure {
 
     /// Whether a call of `kind` that failed so may be sent again, on any
     /// node: always when it never arrived; a read whenever the failure is
-    /// transient; a write also when the node said it is not the shard's
-    /// leader (it refused before proposing). A write the node answered
-    /// `Unavailable` is not repeated: that answer also comes after a
-    /// proposal that did not commit in time, and may commit yet.
+    /// transient, and so a named write; any write also when the node said
+    /// it is not the shard's leader (it refused before proposing). Another
+    /// write the node answered `Unavailable` is not repeated: that answer
+    /// also comes after a proposal that did not commit in time, and may
+    /// commit yet.
     pub fn may_retry(&self, kind: CallKind) -> bool {
         match self {
             Failure::NotDelivered(_) => true,
-            Failure::Lost(_) => kind == CallKind::Read,
+            Failure::Lost(_) => kind != CallKind::Write,
             Failure::Answered(ShardError::NotLeader { .. }) => true,
-            Failure::Answered(ShardError::Unavailable(_)) => kind == CallKind::Read,
+            Failure::Answered(ShardError::Unavailable(_)) => kind != CallKind::Write,
             Failure::Answered(_) => false,
         }
     }
@@ -219,7 +228,7 @@ mod tests {
 
     #[test]
     fn reads_are_retried_after_any_transient_failure_writes_only_when_nothing_ran() {
-        use CallKind::{Read, Write};
+        use CallKind::{NamedWrite, Read, Write};
         let lost = Failure::Lost("reset".into());
         let refused = Failure::NotDelivered("refused".into());
         let busy = Failure::Answered(ShardError::Unavailable("no commit in time".into()));
@@ -230,6 +239,10 @@ mod tests {
         assert!(busy.may_retry(Read) && !busy.may_retry(Write));
         assert!(moved.may_retry(Read) && moved.may_retry(Write));
         assert!(!final_.may_retry(Read) && !final_.may_retry(Write));
+        // A write the node applies once per id is repeated as a read is.
+        for f in [&lost, &refused, &busy, &moved, &final_] {
+            assert_eq!(f.may_retry(NamedWrite), f.may_retry(Read), "{f:?}");
+        }
     }
 
     #[test]
@@ -241,10 +254,14 @@ mod tests {
         assert_eq!(CallKind::of_path("/lumbung.Node/GetObject"), CallKind::Read);
         assert_eq!(
             CallKind::of_path("/lumbung.Node/CreateBucket"),
-            CallKind::Write
+            CallKind::NamedWrite
         );
         assert_eq!(
             CallKind::of_path("/lumbung.Node/DeleteObject"),
+            CallKind::NamedWrite
+        );
+        assert_eq!(
+            CallKind::of_path("/lumbung.Node/DeleteBucket"),
             CallKind::Write
         );
         assert_eq!(
@@ -268,5 +285,10 @@ mod tests {
             .collect();
         // A misspelt name in the table would silently make a read a write.
         assert_eq!(reads.len(), 19, "reads found in the proto: {reads:?}");
+        let named = methods
+            .iter()
+            .filter(|m| CallKind::of_method(m) == CallKind::NamedWrite)
+            .count();
+        assert_eq!(named, 4, "named writes found in the proto");
     }
 }

@@ -181,6 +181,7 @@ impl CallNote {
         match self.0.load(Ordering::Relaxed) {
             0 => None,
             1 => Some(CallKind::Read),
+            2 => Some(CallKind::NamedWrite),
             _ => Some(CallKind::Write),
         }
     }

@@ -90,6 +90,7 @@ impl S3Front {
             declared_size: input.content_length.and_then(|n| u64::try_from(n).ok()),
             if_match: condition(input.if_match),
             if_none_match: condition(input.if_none_match),
+            write_id: write_id(),
         };
         let announced = Announced {
             content_md5: input.content_md5,
@@ -115,6 +116,7 @@ impl S3Front {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             key: key.to_string(),
+            write_id: Default::default(),
         };
         self.call(req, |mut c, r| async move { c.head_object(r).await })
             .await
@@ -208,6 +210,7 @@ impl S3Front {
             tenant: tenant.to_string(),
             bucket: bucket.to_string(),
             key: key.to_string(),
+            write_id: write_id(),
         };
         self.call(req, |mut c, r| async move { c.delete_object(r).await })
             .await

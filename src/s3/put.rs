@@ -5,7 +5,13 @@
 //! announced (headers, or trailers of an aws-chunked body) are computed on
 //! the way; only when they match does the gateway send the commit frame.
 //! Without it the node stores nothing.
+//!
+//! A PutObject body under one frame is still whole in the gateway when it
+//! is sent; if that send fails in transport, the gateway sends it again
+//! elsewhere with the same write id, which the index shard applies once.
 
+use super::errors::s3_error_of_failure;
+use super::retry::with_retries_named;
 use super::{s3_error_of, S3Front};
 use crate::rpc::{pb, Failure};
 use base64::Engine;
@@ -149,6 +155,9 @@ impl S3Front {
     ) -> S3Result<pb::PutReply> {
         let md5_hex = announced.md5_hex()?;
         let mut hasher = announced.hasher();
+        // Only a PutObject is named by its write id; a part is not.
+        let named = header.upload_id.is_empty() && !header.write_id.is_empty();
+        let again = named.then(|| header.clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutFrame>(2);
         // A small body is cheapest on the leader of its bucket's shard; a
         // large one is mostly chunk work, which is spread over the nodes.
@@ -170,6 +179,7 @@ impl S3Front {
             .is_ok();
         let mut size = 0u64;
         let mut buf = BytesMut::new();
+        let mut flushed = false;
         let mut body_error: Option<S3Error> = None;
         if let Some(mut body) = body {
             while open {
@@ -190,6 +200,7 @@ impl S3Front {
                 size += piece.len() as u64;
                 buf.extend_from_slice(&piece);
                 if buf.len() >= FRAME {
+                    flushed = true;
                     let data = buf.split().freeze();
                     open = tx
                         .send(frame(pb::put_frame::Frame::Data(data)))
@@ -205,20 +216,22 @@ impl S3Front {
             None if !open => Ok(()),
             None => announced.verify(hasher, trailers),
         };
+        // The frames after the header, when the body was sent whole.
+        let mut whole: Option<Vec<pb::PutFrame>> = None;
         if verdict.is_ok() && open {
-            if !buf.is_empty() {
-                let data = buf.split().freeze();
-                open = tx
-                    .send(frame(pb::put_frame::Frame::Data(data)))
-                    .await
-                    .is_ok();
+            let data = (!buf.is_empty()).then(|| frame(pb::put_frame::Frame::Data(buf.freeze())));
+            if let Some(data) = &data {
+                open = tx.send(data.clone()).await.is_ok();
             }
             if open {
-                let commit = pb::PutCommit {
+                let commit = frame(pb::put_frame::Frame::Commit(pb::PutCommit {
                     content_md5_hex: md5_hex,
                     size,
-                };
-                let _ = tx.send(frame(pb::put_frame::Frame::Commit(commit))).await;
+                }));
+                let _ = tx.send(commit.clone()).await;
+                if !flushed {
+                    whole = Some(data.into_iter().chain([commit]).collect());
+                }
             }
         }
         drop(tx);
@@ -229,12 +242,25 @@ impl S3Front {
         match reply {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => {
-                if Failure::of(&s).in_transport() {
-                    // Passed over for a while, so the client's retry of
-                    // this PUT does not wait on the same node again.
-                    self.router.report_failure(i);
+                if !Failure::of(&s).in_transport() {
+                    return Err(s3_error_of(&s));
                 }
-                Err(s3_error_of(&s))
+                // Passed over for a while, so that no later call (the
+                // send below, or the client's own retry) waits on it.
+                self.router.report_failure(i);
+                let (Some(header), Some(body)) = (again, whole) else {
+                    return Err(s3_error_of(&s));
+                };
+                let bucket = (header.tenant.as_str(), header.bucket.as_str());
+                let first = frame(pb::put_frame::Frame::Header(header.clone()));
+                let frames: Vec<_> = [first].into_iter().chain(body).collect();
+                with_retries_named(&self.router, Some(bucket), |_, mut client| {
+                    let frames = tokio_stream::iter(frames.clone());
+                    async move { client.put_object(frames).await }
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(s3_error_of_failure)
             }
         }
     }

@@ -5,8 +5,9 @@
 //! nor, for a write, with a second application it did not ask for. So:
 //!
 //! - a call is sent again only when [`Failure::may_retry`] allows it for
-//!   the call's kind: a read after any transient failure, a write only
-//!   when it provably never ran (see `rpc::failure`);
+//!   the call's kind: a read, or a write named by a write id, after any
+//!   transient failure; another write only when it provably never ran
+//!   (see `rpc::failure`);
 //! - at most [`ATTEMPTS`] tries, none started later than [`WINDOW`] after
 //!   the first, with a pause that doubles (plus jitter, so the calls a
 //!   GOAWAY failed together do not come back together);
@@ -47,6 +48,35 @@ const WINDOW: Duration = Duration::from_secs(6);
 pub(super) async fn with_retries<T, F, Fut>(
     router: &NodeRouter,
     bucket: Option<(&str, &str)>,
+    attempt: F,
+) -> Result<T, Failure>
+where
+    F: FnMut(usize, NodeClient) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retrying(router, bucket, false, attempt).await
+}
+
+/// As [`with_retries`], for a write its request names with a write id
+/// though its RPC may carry unnamed writes too (PutObject also carries
+/// UploadPart): the caller vouches for the id, and the write is repeated
+/// as a named write is.
+pub(super) async fn with_retries_named<T, F, Fut>(
+    router: &NodeRouter,
+    bucket: Option<(&str, &str)>,
+    attempt: F,
+) -> Result<T, Failure>
+where
+    F: FnMut(usize, NodeClient) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    retrying(router, bucket, true, attempt).await
+}
+
+async fn retrying<T, F, Fut>(
+    router: &NodeRouter,
+    bucket: Option<(&str, &str)>,
+    named: bool,
     mut attempt: F,
 ) -> Result<T, Failure>
 where
@@ -78,7 +108,10 @@ where
             }
         }
         // A failure before any call went out cannot be a write's.
-        let kind = note.kind().unwrap_or(CallKind::Read);
+        let kind = match note.kind() {
+            Some(CallKind::Write) if named => CallKind::NamedWrite,
+            kind => kind.unwrap_or(CallKind::Read),
+        };
         let jitter = rand::thread_rng().gen_range(Duration::ZERO..=pause / 2);
         let wait = pause + jitter;
         if tries >= ATTEMPTS || !failure.may_retry(kind) || started.elapsed() + wait > WINDOW {

@@ -173,6 +173,7 @@ pub(super) async fn put_object(
         })) => h,
         _ => return Err(bad("a PUT stream must start with its header")),
     };
+    let write_id = write_id_of(&header.write_id)?;
     let part =
         (!header.upload_id.is_empty()).then(|| (header.upload_id.clone(), header.part_number));
     // S3 takes no conditions on UploadPart.
@@ -187,7 +188,7 @@ pub(super) async fn put_object(
         content_type: header.content_type,
         user_metadata: header.user_metadata.into_iter().collect(),
         part,
-        write_id: WriteId::random(),
+        write_id,
         precondition,
     };
     let commit = Arc::new(std::sync::Mutex::new(None));
@@ -305,7 +306,7 @@ pub(super) async fn delete_object(
 ) -> Rpc<pb::Empty> {
     let r = req.into_inner();
     this.objects
-        .delete(&r.tenant, &r.bucket, &r.key)
+        .delete(&r.tenant, &r.bucket, &r.key, write_id_of(&r.write_id)?)
         .await
         .map_err(status_of)?;
     ok(pb::Empty {})
