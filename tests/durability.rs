@@ -207,6 +207,14 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
         "node {laggard} caught up without a snapshot; the test did not purge enough log"
     );
 
+    // Snapshot files go once sent or installed.
+    let left: Vec<_> = (1..=3)
+        .flat_map(|n| std::fs::read_dir(dir.join(format!("data/node{n}/snapshots"))).unwrap())
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".snap") || name.ends_with(".receiving"))
+        .collect();
+    assert!(left.is_empty(), "snapshot files left: {left:?}");
+
     // Every acknowledged object, byte for byte.
     let acked = log.lock().unwrap().acked.clone();
     let failures = log.lock().unwrap().failures;

@@ -106,9 +106,14 @@ impl StateMachine {
     /// Finishes a snapshot install that a crash interrupted, before
     /// anything reads the space: it holds part of the old state and part of
     /// the new, so the (verified) snapshot file is loaded again.
+    /// Without an install to finish, removes the snapshot files a crash
+    /// left behind: one written for a follower, or one half received.
     pub async fn finish_interrupted_install(&self) -> anyhow::Result<()> {
         let marker = self.install_marker();
         if !marker.exists() {
+            for stale in [self.current_path(), self.receiving_path()] {
+                remove_if_present(&stale)?;
+            }
             return Ok(());
         }
         let (space, current) = (self.space.clone(), self.current_path());
@@ -121,6 +126,11 @@ impl StateMachine {
             self.chunk_refs.name(id);
         }
         Ok(())
+    }
+
+    fn receiving_path(&self) -> PathBuf {
+        self.snapshots
+            .join(format!("shard-{}.receiving", self.shard))
     }
 
     fn checkpoint_path(&self) -> PathBuf {
@@ -188,6 +198,13 @@ impl StateMachine {
             .await
             .map_err(sm_err)?;
         Ok(self.meta_of(last_applied, membership))
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -359,9 +376,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
-        let path = self
-            .snapshots
-            .join(format!("shard-{}.receiving", self.shard));
+        let path = self.receiving_path();
         let file = tokio::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -407,6 +422,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(sm_err)?
             .map_err(sm_err)?;
         self.checkpoint().await?;
+        // Loaded and checkpointed: nothing reads the file again.
+        remove_if_present(&self.current_path()).map_err(sm_err)?;
         tracing::info!(
             shard = %self.shard,
             upto = ?meta.last_log_id,
@@ -443,6 +460,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file = tokio::fs::File::open(self.current_path())
             .await
             .map_err(sm_err)?;
+        // The open file is all openraft reads: unlinked now, its space
+        // comes back once the snapshot is sent.
+        remove_if_present(&self.current_path()).map_err(sm_err)?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(file),
