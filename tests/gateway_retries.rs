@@ -123,9 +123,22 @@ fn preloaded() -> Vec<(String, u64, usize)> {
 }
 
 async fn put(c: &Client, key: &str, seed: u64, len: usize) -> Result<(), String> {
+    put_maybe_create_only(c, key, seed, len, false).await
+}
+
+/// A PUT, with `If-None-Match: *` when `create_only`: sent again by the
+/// gateway after it landed, it must still answer 200, not 412.
+async fn put_maybe_create_only(
+    c: &Client,
+    key: &str,
+    seed: u64,
+    len: usize,
+    create_only: bool,
+) -> Result<(), String> {
     c.put_object()
         .bucket("demo")
         .key(key)
+        .set_if_none_match(create_only.then(|| "*".to_string()))
         .body(ByteStream::from(common::bytes(seed, len)))
         .send()
         .await
@@ -251,8 +264,8 @@ struct Writes {
     violations: Vec<String>,
 }
 
-/// PUTs of new keys (4 KiB, every fifth 100 KiB), and now and then a
-/// DELETE of one of this writer's own acknowledged keys.
+/// PUTs of new keys (4 KiB, every fifth 100 KiB; every third create-only),
+/// and now and then a DELETE of one of this writer's own acknowledged keys.
 async fn write_until(c: Client, w: u64, stop: Arc<AtomicBool>, writes: Arc<Mutex<Writes>>) {
     let mut mine: Vec<(String, u64, usize)> = Vec::new();
     let mut i = 0u64;
@@ -274,7 +287,7 @@ async fn write_until(c: Client, w: u64, stop: Arc<AtomicBool>, writes: Arc<Mutex
             w * 1_000_000 + i,
             if i.is_multiple_of(5) { 100 << 10 } else { 4096 },
         );
-        let outcome = put(&c, &key, seed, len).await;
+        let outcome = put_maybe_create_only(&c, &key, seed, len, i.is_multiple_of(3)).await;
         let mut writes = writes.lock().unwrap();
         match outcome {
             Ok(()) => {

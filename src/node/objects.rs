@@ -339,12 +339,30 @@ impl Objects {
     /// body of `declared_size` bytes fits the tenant's quota, before any
     /// byte is stored, so a bad request costs no chunk writes. The commit
     /// checks the quota again, atomically.
+    /// Whether the object at `target` is the one this very request wrote
+    /// (a PutObject sent again after its first send landed).
+    async fn already_written(&self, target: &Target) -> Result<bool> {
+        if target.part.is_some() {
+            return Ok(false);
+        }
+        match self
+            .manifest(&target.tenant, &target.bucket, &target.key)
+            .await
+        {
+            Ok(m) => Ok(m.write_id == Some(target.write_id)),
+            Err(ShardError::NoSuchKey) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn check_target(&self, target: &Target, declared_size: Option<u64>) -> Result<()> {
         if let Some(size) = declared_size {
             if let Some(q) = self.tenant_quota(&target.tenant).await?.bytes {
                 let usage = self.usage_by_bucket(&target.tenant).await?;
                 let stored: u64 = usage.iter().map(|(_, u)| u.bytes).sum();
-                if stored + size > q {
+                // A PUT sent again after it landed already counts in
+                // `stored`: the index shard answers it as the first time.
+                if stored + size > q && !self.already_written(target).await? {
                     return Err(ShardError::QuotaExceeded(format!(
                         "the tenant's quota of {q} bytes would be exceeded: {stored} bytes stored, this request adds {size}"
                     )));
@@ -366,6 +384,9 @@ impl Objects {
                     Err(ShardError::NoSuchKey) => None,
                     Err(e) => return Err(e),
                 };
+                if current.as_ref().and_then(|m| m.write_id) == Some(target.write_id) {
+                    return Ok(()); // this request, sent again after it landed
+                }
                 target.precondition.check(current.as_ref())
             }
             Some((upload_id, number)) => {

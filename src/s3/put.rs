@@ -179,11 +179,16 @@ impl S3Front {
             .is_ok();
         let mut size = 0u64;
         let mut buf = BytesMut::new();
+        // A data frame went before the body ended: it is no longer whole.
         let mut flushed = false;
+        let mut complete = body.is_none();
         let mut body_error: Option<S3Error> = None;
         if let Some(mut body) = body {
-            while open {
+            // On while the node takes the body, or, for a named PUT still
+            // held whole, to send it elsewhere once the node is gone.
+            while open || (again.is_some() && !flushed) {
                 let Some(piece) = body.next().await else {
+                    complete = true;
                     break;
                 };
                 let piece = match piece {
@@ -200,6 +205,9 @@ impl S3Front {
                 size += piece.len() as u64;
                 buf.extend_from_slice(&piece);
                 if buf.len() >= FRAME {
+                    if !open {
+                        break; // too large to hold for another send
+                    }
                     flushed = true;
                     let data = buf.split().freeze();
                     open = tx
@@ -213,27 +221,27 @@ impl S3Front {
             Some(e) => Err(e),
             // The node stopped listening before the body ended, so the
             // checksums cover only part of it; the node's answer says why.
-            None if !open => Ok(()),
+            None if !complete => Ok(()),
             None => announced.verify(hasher, trailers),
         };
-        // The frames after the header, when the body was sent whole.
-        let mut whole: Option<Vec<pb::PutFrame>> = None;
-        if verdict.is_ok() && open {
+        // The rest of the body and the commit, once it is all read and its
+        // checksums match.
+        let tail: Option<Vec<pb::PutFrame>> = (verdict.is_ok() && complete).then(|| {
             let data = (!buf.is_empty()).then(|| frame(pb::put_frame::Frame::Data(buf.freeze())));
-            if let Some(data) = &data {
-                open = tx.send(data.clone()).await.is_ok();
+            let commit = frame(pb::put_frame::Frame::Commit(pb::PutCommit {
+                content_md5_hex: md5_hex,
+                size,
+            }));
+            data.into_iter().chain([commit]).collect()
+        });
+        for f in tail.iter().flatten() {
+            if !open {
+                break;
             }
-            if open {
-                let commit = frame(pb::put_frame::Frame::Commit(pb::PutCommit {
-                    content_md5_hex: md5_hex,
-                    size,
-                }));
-                let _ = tx.send(commit.clone()).await;
-                if !flushed {
-                    whole = Some(data.into_iter().chain([commit]).collect());
-                }
-            }
+            open = tx.send(f.clone()).await.is_ok();
         }
+        // The frames after the header, when the body was held whole.
+        let whole = tail.filter(|_| !flushed);
         drop(tx);
         let reply = call
             .await
