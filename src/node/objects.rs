@@ -339,22 +339,6 @@ impl Objects {
     /// body of `declared_size` bytes fits the tenant's quota, before any
     /// byte is stored, so a bad request costs no chunk writes. The commit
     /// checks the quota again, atomically.
-    /// Whether the object at `target` is the one this very request wrote
-    /// (a PutObject sent again after its first send landed).
-    async fn already_written(&self, target: &Target) -> Result<bool> {
-        if target.part.is_some() {
-            return Ok(false);
-        }
-        match self
-            .manifest(&target.tenant, &target.bucket, &target.key)
-            .await
-        {
-            Ok(m) => Ok(m.write_id == Some(target.write_id)),
-            Err(ShardError::NoSuchKey) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
     pub async fn check_target(&self, target: &Target, declared_size: Option<u64>) -> Result<()> {
         if let Some(size) = declared_size {
             if let Some(q) = self.tenant_quota(&target.tenant).await?.bytes {
@@ -399,6 +383,22 @@ impl Objects {
                     .await
                     .map(|_| ())
             }
+        }
+    }
+
+    /// Whether the object at `target` is the one this very request wrote
+    /// (a PutObject sent again after its first send landed).
+    async fn already_written(&self, target: &Target) -> Result<bool> {
+        if target.part.is_some() {
+            return Ok(false);
+        }
+        match self
+            .manifest(&target.tenant, &target.bucket, &target.key)
+            .await
+        {
+            Ok(m) => Ok(m.write_id == Some(target.write_id)),
+            Err(ShardError::NoSuchKey) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
