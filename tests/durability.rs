@@ -157,8 +157,10 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
             break;
         }
         if back.elapsed() > Duration::from_secs(60) {
-            procs.print_log_tails(60);
-            panic!("node {leader} did not come back and catch up within 60 s");
+            procs.fail(
+                60,
+                format!("node {leader} did not come back and catch up within 60 s"),
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -195,8 +197,7 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
             break;
         }
         if caught_up.elapsed() > Duration::from_secs(180) {
-            procs.print_log_tails(60);
-            panic!("node {laggard} did not catch up: shards behind {behind:?}, chunks missing per node {missing:?}");
+            procs.fail(60, format!("node {laggard} did not catch up: shards behind {behind:?}, chunks missing per node {missing:?}"));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

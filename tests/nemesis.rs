@@ -380,8 +380,8 @@ async fn nemesis(plan: Plan, dir: &Path, env: S3Env, net: Network) {
         println!("evidence kept in {}", keep.display());
     }
     if !problems.is_empty() {
-        cluster.procs.print_log_tails(30);
-        panic!("nemesis found: {}", problems.join("; "));
+        let found = problems.join("; ");
+        cluster.procs.fail(30, format!("nemesis found: {found}"));
     }
 }
 
@@ -416,8 +416,7 @@ async fn wait_for_s3(s3: &aws_sdk_s3::Client, env: &S3Env, cluster: &Cluster) {
     let started = Instant::now();
     while s3.head_bucket().bucket(&env.bucket).send().await.is_err() {
         if started.elapsed() > Duration::from_secs(90) {
-            cluster.procs.print_log_tails(30);
-            panic!("the cluster never served S3");
+            cluster.procs.fail(30, "the cluster never served S3".into());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

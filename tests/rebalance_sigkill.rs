@@ -94,16 +94,17 @@ async fn wait_done(
         match nodes::progress(admin).await {
             Ok(s) if s.id == id && s.state != "running" => return (s, (least, most)),
             Ok(s) if started.elapsed() > limit => {
-                procs.print_log_tails(40);
-                panic!(
-                    "rebalance not done after {limit:?}: {} of {} moves",
-                    s.done,
-                    s.moves.len()
+                procs.fail(
+                    40,
+                    format!(
+                        "rebalance not done after {limit:?}: {} of {} moves",
+                        s.done,
+                        s.moves.len()
+                    ),
                 );
             }
             Err(e) if started.elapsed() > limit => {
-                procs.print_log_tails(40);
-                panic!("no rebalance progress after {limit:?}: {e:#}");
+                procs.fail(40, format!("no rebalance progress after {limit:?}: {e:#}"));
             }
             _ => {}
         }
@@ -124,9 +125,11 @@ async fn wait_up(admin: &AdminConfig, procs: &Processes, node: usize) {
             return;
         }
         if started.elapsed() > Duration::from_secs(60) {
-            procs.print_log_tails(40);
             let row = serde_json::to_string(&row).unwrap();
-            panic!("node {node} did not come back within 60 s: {row}");
+            procs.fail(
+                40,
+                format!("node {node} did not come back within 60 s: {row}"),
+            );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

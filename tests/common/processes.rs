@@ -149,7 +149,15 @@ impl Processes {
 
     /// The end of every process's log, so a failure in CI can be read.
     /// With `KEEP_LOGS=DIR` set, whole logs are copied there too.
-    pub fn print_log_tails(&self, lines: usize) {
+    /// Fails the test: the reason first (CI shows the head of a long
+    /// output), then the last `lines` of every log, then the panic.
+    pub fn fail(&self, lines: usize, reason: String) -> ! {
+        println!("FAILED: {reason}");
+        self.print_log_tails(lines);
+        panic!("{reason}");
+    }
+
+    fn print_log_tails(&self, lines: usize) {
         if let Some(keep) = std::env::var_os("KEEP_LOGS") {
             self.copy_logs(Path::new(&keep));
         }
