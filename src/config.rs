@@ -135,6 +135,41 @@ pub struct NodeConfig {
     pub watchdog: WatchdogConfig,
     #[serde(default)]
     pub space: SpaceConfig,
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// `[gc]`: when space that clients freed comes back (see `node::gc`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcConfig {
+    /// A chunk no object or part names is deleted once it has gone this
+    /// long untouched by any write (a file with no record at all, twice
+    /// this). An hour: a write in flight touches its chunks again every
+    /// half of it, so only a coordinator stalled for half an hour loses
+    /// its upload (it fails, never commits a collected chunk), and clocks
+    /// may be that far apart before a write is refused for it.
+    pub grace_secs: u64,
+    /// How often the node leading the meta shard runs a collection.
+    pub interval_secs: u64,
+    /// Multipart uploads begun longer ago than this are aborted.
+    pub abort_uploads_after_days: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace_secs: 3600,
+            interval_secs: 900,
+            abort_uploads_after_days: 7,
+        }
+    }
+}
+
+impl GcConfig {
+    pub fn grace_ms(&self) -> i64 {
+        (self.grace_secs.max(1) * 1000) as i64
+    }
 }
 
 /// `[space]`: the free space a node keeps on its data disk (see `space`).

@@ -221,6 +221,8 @@ async fn a_retried_put_is_not_refused_by_its_own_object(cluster: &DevCluster, c:
             if_none_match: Some(ETagMatch::Any),
             ..Default::default()
         },
+        // Reused chunks as a copy would, touched now (no collection ran).
+        touched_ms: Some(lumbung::types::now_ms()),
     };
     // Applied, then proposed again as a retry after a timeout would be.
     for attempt in 0..2 {

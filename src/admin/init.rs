@@ -188,6 +188,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
             cache_mib: 32,
             watchdog: Default::default(),
             space: Default::default(),
+            gc: Default::default(),
         };
         write_toml(
             &dir.join(format!("{name}.toml")),
@@ -294,6 +295,7 @@ pub fn init_node(
         cache_mib: peer.cache_mib,
         watchdog: peer.watchdog,
         space: peer.space,
+        gc: peer.gc,
     };
     write_toml(
         &path,

@@ -76,8 +76,12 @@ impl Missing {
             let first = self.queue.lock().unwrap().due.first().copied();
             match first {
                 Some((at, id)) if at <= Instant::now() => {
-                    self.queue.lock().unwrap().due.remove(&(at, id));
-                    return id;
+                    let mut q = self.queue.lock().unwrap();
+                    q.due.remove(&(at, id));
+                    // Not counted any more: collected meanwhile.
+                    if q.attempts.contains_key(&id) {
+                        return id;
+                    }
                 }
                 Some((at, _)) => {
                     tokio::select! {
@@ -93,6 +97,16 @@ impl Missing {
     /// The chunk is on disk now.
     pub fn done(&self, id: ChunkId) {
         self.queue.lock().unwrap().attempts.remove(&id);
+    }
+
+    /// Garbage collection dropped the chunk's record: it is wanted no
+    /// more, and its file goes. A crash before the unlink leaves an orphan
+    /// file for the sweep.
+    pub fn collected(&self, id: ChunkId) {
+        self.queue.lock().unwrap().attempts.remove(&id);
+        if let Err(e) = self.store.remove(&id) {
+            tracing::warn!(chunk = %id.to_hex(), "deleting a collected chunk: {e}");
+        }
     }
 
     /// No replica gave the chunk; tries again later, waiting longer each

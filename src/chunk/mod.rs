@@ -30,6 +30,14 @@ pub enum ChunkError {
     NoSpace(String),
 }
 
+/// A chunk file, as the orphan sweep sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct OldFile {
+    pub id: ChunkId,
+    pub len: u64,
+    pub modified_ms: i64,
+}
+
 /// The chunk files of one node.
 pub struct ChunkStore {
     dir: PathBuf,
@@ -55,12 +63,21 @@ impl ChunkStore {
             if !sub.exists() {
                 std::fs::create_dir(&sub)?;
             }
-            for f in std::fs::read_dir(&sub)? {
+            // Listed first: a file put back below must not be met twice.
+            let files: Vec<_> = std::fs::read_dir(&sub)?.collect();
+            for f in files {
                 let f = f?;
                 let name = f.file_name();
                 if name.to_string_lossy().ends_with(".tmp") {
                     // A write that never finished; nobody acknowledged it.
                     let _ = std::fs::remove_file(f.path());
+                } else if name.to_string_lossy().ends_with(".sweep") {
+                    // A sweep stopped before it decided: put it back (the
+                    // next sweep asks again).
+                    let back = f.path().with_extension("");
+                    std::fs::rename(f.path(), &back)?;
+                    bytes += std::fs::metadata(&back)?.len();
+                    count += 1;
                 } else if name.len() == 64 {
                     bytes += f.metadata()?.len();
                     count += 1;
@@ -156,6 +173,68 @@ impl ChunkStore {
         self.count.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The chunk files last written before `cutoff_ms` (ms since the
+    /// epoch), with their sizes and when: candidates for the orphan sweep.
+    pub fn files_older_than(&self, cutoff_ms: i64) -> std::io::Result<Vec<OldFile>> {
+        let cutoff =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(cutoff_ms.max(0) as u64);
+        let mut old = Vec::new();
+        for i in 0..=255u8 {
+            for f in std::fs::read_dir(self.dir.join(format!("{i:02x}")))? {
+                let f = f?;
+                let id = hex::decode(f.file_name().as_encoded_bytes())
+                    .ok()
+                    .and_then(|b| ChunkId::from_slice(&b));
+                let Some(id) = id else { continue };
+                let meta = match f.metadata() {
+                    Ok(m) => m,
+                    // Deleted since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let modified = meta.modified()?;
+                if modified < cutoff {
+                    let since = modified
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    old.push(OldFile {
+                        id,
+                        len: meta.len(),
+                        modified_ms: since.as_millis() as i64,
+                    });
+                }
+            }
+        }
+        Ok(old)
+    }
+
+    /// Deletes a chunk file unless `still_unwanted`, asked once the file is
+    /// out of sight, says otherwise: a copy arriving meanwhile (a replica
+    /// moving in) finds no file and writes its own, and a file wanted
+    /// again is put back.
+    pub fn remove_if(
+        &self,
+        id: &ChunkId,
+        still_unwanted: impl FnOnce() -> bool,
+    ) -> std::io::Result<bool> {
+        let path = self.path(id);
+        let aside = path.with_extension("sweep");
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if !still_unwanted() {
+            std::fs::rename(&aside, &path)?;
+            return Ok(false);
+        }
+        let len = std::fs::metadata(&aside)?.len();
+        std::fs::remove_file(&aside)?;
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Reads a chunk and verifies it. `Ok(None)` when this replica does not

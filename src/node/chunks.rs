@@ -261,19 +261,53 @@ impl Chunks {
         }
     }
 
-    /// Records chunks in their shards' logs, so replicas that missed the
-    /// write learn about them and fetch them.
-    pub async fn record(&self, spans: &[ChunkSpan]) -> Result<(), ShardError> {
-        let mut by_shard: BTreeMap<ShardId, Vec<(ChunkId, u64)>> = BTreeMap::new();
-        for s in spans {
+    /// Records chunks in their shards' logs, touched at `stamp_ms`, so
+    /// replicas that missed the write learn about them and fetch them.
+    pub async fn record(&self, spans: &[ChunkSpan], stamp_ms: i64) -> Result<(), ShardError> {
+        let by_shard = self.by_shard(spans.iter().map(|s| (s.id, s.len)));
+        self.propose_each(by_shard, |chunks| Command::AddChunks { chunks, stamp_ms })
+            .await
+    }
+
+    /// Marks recorded chunks as in use now, so no collection takes them
+    /// for a grace period; returns the stamp. Fails with ChunksStale if
+    /// one was collected already.
+    pub async fn touch(&self, spans: &[ChunkSpan]) -> Result<i64, ShardError> {
+        let stamp_ms = crate::types::now_ms();
+        let by_shard = self.by_shard(spans.iter().map(|s| (s.id, ())));
+        self.propose_each(by_shard, |chunks| Command::TouchChunks {
+            ids: chunks.into_iter().map(|(id, ())| id).collect(),
+            stamp_ms,
+        })
+        .await?;
+        Ok(stamp_ms)
+    }
+
+    fn by_shard<T>(
+        &self,
+        chunks: impl Iterator<Item = (ChunkId, T)>,
+    ) -> BTreeMap<ShardId, Vec<(ChunkId, T)>> {
+        let layout = self.host.layout();
+        let mut by_shard: BTreeMap<ShardId, Vec<(ChunkId, T)>> = BTreeMap::new();
+        for (id, t) in chunks {
             by_shard
-                .entry(self.host.layout().shard_for_chunk(&s.id))
+                .entry(layout.shard_for_chunk(&id))
                 .or_default()
-                .push((s.id, s.len));
+                .push((id, t));
         }
+        by_shard
+    }
+
+    /// Proposes one command per shard, all at once.
+    async fn propose_each<T>(
+        &self,
+        by_shard: BTreeMap<ShardId, Vec<(ChunkId, T)>>,
+        command: impl Fn(Vec<(ChunkId, T)>) -> Command,
+    ) -> Result<(), ShardError> {
         let proposals = by_shard.into_iter().map(|(shard, chunks)| {
             let host = self.host.clone();
-            async move { host.propose(shard, &Command::AddChunks { chunks }).await }
+            let cmd = command(chunks);
+            async move { host.propose(shard, &cmd).await }
         });
         for r in futures::future::join_all(proposals).await {
             r?;

@@ -4,6 +4,8 @@
 
 pub mod access;
 pub mod chunks;
+pub mod gc;
+pub mod ingest;
 pub mod key_admin;
 pub mod keys;
 pub mod listener;
@@ -158,6 +160,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let objects = Objects {
         chunks,
         keys: Arc::new(keys::KeyCache::new(master)),
+        retouch_ms: cfg.gc.grace_ms() / 2,
+        gc: Arc::new(gc::Gc::new(cfg.gc.clone())),
     };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -206,6 +210,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let coordinator = tokio::spawn(rebalance::coordinate(objects.chunks.clone()));
     let low_disk = tokio::spawn(crate::shard::low_disk::run(host.clone()));
     let compactor = tokio::spawn(crate::shard::log_compactor::run(host.log().clone()));
+    let gc = tokio::spawn(gc::run(objects.chunks.clone(), objects.gc.clone()));
     let mut background = vec![
         repair,
         collector,
@@ -213,6 +218,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         coordinator,
         low_disk,
         compactor,
+        gc,
     ];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));

@@ -14,6 +14,7 @@
 //! tenant's current DEK, and reads open them again on the way out.
 
 use super::chunks::Chunks;
+use super::ingest::{collected, Ingested};
 use super::keys::KeyCache;
 use crate::crypto::tenant_keys::TenantKeys;
 use crate::crypto::Purpose;
@@ -23,32 +24,21 @@ use crate::shard::command::{
 };
 use crate::shard::{Command, Query, ShardError, Value};
 use crate::types::{now_ms, ShardId, WriteId};
-use bytes::{Bytes, BytesMut};
-use futures::stream::{BoxStream, Stream, StreamExt};
-use md5::{Digest, Md5};
-use std::collections::{BTreeMap, VecDeque};
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Size of one chunk of object content.
 pub const CHUNK_SIZE: usize = 4 * 1024 * 1024;
 /// Bodies up to this size are stored inside their manifest.
 pub const INLINE_MAX: usize = 64 * 1024;
-/// Chunks of one upload being replicated at once.
-const CHUNKS_IN_FLIGHT: usize = 2;
 /// Chunks of one download read ahead.
 const READ_AHEAD: usize = 2;
 /// S3's largest part number.
 pub const MAX_PART_NUMBER: u32 = 10_000;
 
 type Result<T> = std::result::Result<T, ShardError>;
-
-/// A body stored as chunks or inline, with its MD5 and size.
-pub struct Ingested {
-    pub size: u64,
-    pub md5_hex: String,
-    /// Sealed, like everything in a manifest.
-    pub body: Body,
-}
 
 /// What a new object or part is called and described as.
 pub struct Target {
@@ -71,6 +61,10 @@ pub struct Target {
 pub struct Objects {
     pub chunks: Chunks,
     pub keys: Arc<KeyCache>,
+    /// A write touches its chunks again once they are this old: half the
+    /// garbage-collection grace.
+    pub retouch_ms: i64,
+    pub gc: Arc<super::gc::Gc>,
 }
 
 fn unexpected(v: Value) -> ShardError {
@@ -169,85 +163,6 @@ impl Objects {
         }
     }
 
-    /// Streams `body` into chunks (or inline), a few chunks in flight.
-    /// `check` runs before the first chunk is written, so a request for a
-    /// missing bucket costs no chunk writes; an inline body skips it, as the
-    /// commit itself is refused atomically then.
-    pub async fn ingest<S, C>(
-        &self,
-        mut body: S,
-        keys: Arc<TenantKeys>,
-        inline_ok: bool,
-        check: C,
-    ) -> Result<Ingested>
-    where
-        S: Stream<Item = Result<Bytes>> + Unpin,
-        C: std::future::Future<Output = Result<()>>,
-    {
-        let mut check = Some(check);
-        let mut md5 = Md5::new();
-        let mut size = 0u64;
-        let mut buf = BytesMut::new();
-        let mut pending = VecDeque::new();
-        let mut spans: Vec<ChunkSpan> = Vec::new();
-        while let Some(piece) = body.next().await {
-            let piece = piece?;
-            md5.update(&piece);
-            size += piece.len() as u64;
-            buf.extend_from_slice(&piece);
-            while buf.len() >= CHUNK_SIZE {
-                if let Some(c) = check.take() {
-                    c.await?;
-                }
-                let chunk = buf.split_to(CHUNK_SIZE).freeze();
-                pending.push_back(self.store_chunk(&keys, chunk));
-                if pending.len() > CHUNKS_IN_FLIGHT {
-                    spans.push(join(pending.pop_front()).await?);
-                }
-            }
-        }
-        let md5_hex = hex::encode(md5.finalize());
-        if inline_ok && pending.is_empty() && spans.is_empty() && buf.len() <= INLINE_MAX {
-            return Ok(Ingested {
-                size,
-                md5_hex,
-                body: Body::Inline(keys.seal(Purpose::Inline, &buf)),
-            });
-        }
-        if let Some(c) = check.take() {
-            c.await?;
-        }
-        if !buf.is_empty() {
-            pending.push_back(self.store_chunk(&keys, buf.freeze()));
-        }
-        while !pending.is_empty() {
-            spans.push(join(pending.pop_front()).await?);
-        }
-        self.chunks.record(&spans).await?;
-        Ok(Ingested {
-            size,
-            md5_hex,
-            body: Body::Chunks(spans),
-        })
-    }
-
-    /// Seals one chunk of content and replicates it, in the background.
-    fn store_chunk(
-        &self,
-        keys: &Arc<TenantKeys>,
-        plain: Bytes,
-    ) -> tokio::task::JoinHandle<Result<ChunkSpan>> {
-        let (chunks, keys) = (self.chunks.clone(), keys.clone());
-        tokio::spawn(async move {
-            let len = plain.len() as u64;
-            let sealed = Bytes::from(keys.seal(Purpose::Chunk, &plain));
-            // Only the sealed copy waits for the replicas.
-            drop(plain);
-            let id = chunks.replicate(sealed).await?;
-            Ok(ChunkSpan { id, len })
-        })
-    }
-
     /// Seals what the client said about an object.
     fn seal_meta(
         keys: &TenantKeys,
@@ -295,6 +210,11 @@ impl Objects {
         let modified_ms = now_ms();
         let shard = self.index(&target.tenant, &target.bucket);
         let limit = self.limit_for(&target.tenant, &target.bucket).await?;
+        let spans = match &data.body {
+            Body::Chunks(spans) => spans.clone(),
+            Body::Inline(_) => Vec::new(),
+        };
+        let touched_ms = data.touched_ms;
         let cmd = match target.part {
             Some((upload_id, part_number)) => {
                 let Body::Chunks(chunks) = data.body else {
@@ -313,6 +233,7 @@ impl Objects {
                         chunks,
                     },
                     limit,
+                    touched_ms,
                 }
             }
             None => Command::PutObject {
@@ -329,10 +250,33 @@ impl Objects {
                 },
                 limit,
                 precondition: target.precondition,
+                touched_ms,
             },
         };
-        self.host().propose(shard, &cmd).await?;
+        self.propose_touched(shard, cmd, &spans).await?;
         Ok((data.md5_hex, data.size, modified_ms))
+    }
+
+    /// Proposes a write naming the chunks `spans`; if a collection began
+    /// since they were last touched, touches them and proposes it again.
+    async fn propose_touched(
+        &self,
+        shard: ShardId,
+        mut cmd: Command,
+        spans: &[ChunkSpan],
+    ) -> Result<Value> {
+        match self.host().propose(shard, &cmd).await {
+            Err(ShardError::ChunksStale) => {
+                let stamp = self.chunks.touch(spans).await.map_err(collected)?;
+                if let Command::PutObject { touched_ms, .. } | Command::PutPart { touched_ms, .. } =
+                    &mut cmd
+                {
+                    *touched_ms = Some(stamp);
+                }
+                self.host().propose(shard, &cmd).await.map_err(collected)
+            }
+            reply => reply,
+        }
     }
 
     /// Checks that the bucket (and upload, for a part) exist, and that a
@@ -509,6 +453,19 @@ impl Objects {
             let keys = self.tenant_keys(tenant, None).await?;
             manifest.meta = Self::seal_meta(&keys, content_type, user_metadata);
         }
+        // The source may be deleted meanwhile: touched, its chunks stay a
+        // grace period, and the copy's commit keeps them for good.
+        let spans = match &manifest.body {
+            Body::Chunks(spans) => spans.clone(),
+            Body::Inline(_) => Vec::new(),
+        };
+        let touched_ms = match spans.is_empty() {
+            true => None,
+            false => Some(self.chunks.touch(&spans).await.map_err(|e| match e {
+                ShardError::ChunksStale => ShardError::NoSuchKey,
+                e => e,
+            })?),
+        };
         manifest.modified_ms = now_ms();
         manifest.write_id = Some(write_id);
         let reply = (manifest.etag.clone(), manifest.size, manifest.modified_ms);
@@ -519,8 +476,10 @@ impl Objects {
             manifest,
             limit: self.limit_for(tenant, dst.0).await?,
             precondition: Precondition::default(),
+            touched_ms,
         };
-        self.host().propose(self.index(tenant, dst.0), &cmd).await?;
+        self.propose_touched(self.index(tenant, dst.0), cmd, &spans)
+            .await?;
         Ok(reply)
     }
 
@@ -695,11 +654,4 @@ impl Objects {
 /// the client's fault.
 fn sealed_err(e: crate::crypto::CryptoError) -> ShardError {
     ShardError::Internal(format!("opening stored data: {e}"))
-}
-
-async fn join(handle: Option<tokio::task::JoinHandle<Result<ChunkSpan>>>) -> Result<ChunkSpan> {
-    handle
-        .ok_or_else(|| ShardError::Internal("no pending chunk".into()))?
-        .await
-        .map_err(|e| ShardError::Internal(e.to_string()))?
 }

@@ -166,7 +166,7 @@ pub async fn coordinate(chunks: Chunks) {
     }
 }
 
-fn leads_meta(host: &ShardHost) -> bool {
+pub(super) fn leads_meta(host: &ShardHost) -> bool {
     host.raft(ShardId::META)
         .is_some_and(|r| r.metrics().borrow().current_leader == Some(host.id))
 }

@@ -84,9 +84,12 @@ fn s3_error_of_answer(e: ShardError) -> S3Error {
             PreconditionFailed,
             "At least one of the pre-conditions you specified did not hold"
         ),
-        ShardError::NotLeader { .. } | ShardError::NotHolder { .. } | ShardError::Unavailable(_) => {
-            slow_down()
-        }
+        // Stale chunks are touched again inside the node; one reaching
+        // here means the upload stalled past the grace: send it again.
+        ShardError::NotLeader { .. }
+        | ShardError::NotHolder { .. }
+        | ShardError::Unavailable(_)
+        | ShardError::ChunksStale => slow_down(),
         // Layout changes come from the admin, never from an S3 request; if
         // one does meet one, trying again is still the right advice.
         e @ ShardError::LayoutChanged { .. } => {

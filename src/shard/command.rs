@@ -134,6 +134,36 @@ pub struct Part {
     pub chunks: Vec<ChunkSpan>,
 }
 
+/// A chunk as its shard records it (`C` records): its stored size, and
+/// when a write last named it (ms, the coordinator's clock); garbage
+/// collection drops records unreferenced and untouched since its floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub len: u64,
+    pub touched_ms: i64,
+}
+
+/// A shard's garbage-collection floor (`G` record, ms since the epoch);
+/// see `State::floor` and docs/design.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    /// Chunks untouched since before this may be dropped; a manifest
+    /// naming one, or a touch stamped before it, is refused.
+    pub touched_ms: i64,
+    /// A chunk record stamped before this is refused, and a file older
+    /// than it with no record may be swept.
+    pub recorded_ms: i64,
+}
+
+/// A multipart upload left incomplete, found by garbage collection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleUpload {
+    pub tenant: String,
+    pub bucket: String,
+    pub key: String,
+    pub upload_id: String,
+}
+
 /// Limits on what one tenant may store; `None` is unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
@@ -273,6 +303,10 @@ pub enum Command {
         limit: Option<Limit>,
         #[serde(default)]
         precondition: Precondition,
+        /// The oldest touch of the chunks the manifest names (see
+        /// `State::check_touched`); `None` when it names none.
+        #[serde(default)]
+        touched_ms: Option<i64>,
     },
     /// Index shard: remove `key` (no error when missing, as in S3).
     DeleteObject {
@@ -299,6 +333,9 @@ pub enum Command {
         part_number: u32,
         part: Part,
         limit: Option<Limit>,
+        /// As in `PutObject`.
+        #[serde(default)]
+        touched_ms: Option<i64>,
     },
     /// Index shard: turn the named parts into the object, atomically, if
     /// `precondition` holds. Done already when the stored object has this
@@ -322,8 +359,25 @@ pub enum Command {
         key: String,
         upload_id: String,
     },
-    /// Chunk shard: record chunks that a majority of replicas stored.
-    AddChunks { chunks: Vec<(ChunkId, u64)> },
+    /// Chunk shard: record chunks that a majority of replicas stored,
+    /// touched at `stamp_ms` (taken before the first copy was written);
+    /// refused below the floor's record mark. Entries logged before touch
+    /// times have 0.
+    AddChunks {
+        chunks: Vec<(ChunkId, u64)>,
+        #[serde(default)]
+        stamp_ms: i64,
+    },
+    /// Chunk shard: mark recorded chunks as in use at `stamp_ms`, so a
+    /// collection leaves them; fails with ChunksStale, changing nothing, if
+    /// one is no longer recorded or the stamp is below the floor.
+    TouchChunks { ids: Vec<ChunkId>, stamp_ms: i64 },
+    /// Any shard: raise the collection floor to at least `floor`.
+    RaiseFloor { floor: Floor },
+    /// Chunk shard: drop the records of the chunks in `ids` still untouched
+    /// since `below_ms` (at most the floor); every replica deletes their
+    /// files once applied. Returns `Dropped`.
+    DropChunks { ids: Vec<ChunkId>, below_ms: i64 },
     /// Meta shard: replace the layout, if it is still at `expected_epoch`
     /// (0 when none was stored yet); `layout.epoch` must be the next one.
     SetLayout { expected_epoch: u64, layout: Layout },
@@ -478,6 +532,27 @@ pub enum Query {
     Layout,
     /// Meta shard: the latest rebalance, running or finished.
     Rebalance,
+    /// Index shard: chunk ids named by up to `max` object and part records
+    /// after the record key `after`. Returns `ChunkIds`.
+    ChunkRefs {
+        #[serde(with = "serde_bytes")]
+        after: Vec<u8>,
+        max: u32,
+    },
+    /// Chunk shard: up to `max` chunk records after `after`.
+    ChunkRecords {
+        after: Option<ChunkId>,
+        max: u32,
+    },
+    /// Chunk shard: which of `ids` are recorded, and the floor.
+    Recorded {
+        ids: Vec<ChunkId>,
+    },
+    /// Index shard: up to `max` uploads begun before `before_ms`.
+    StaleUploads {
+        before_ms: i64,
+        max: u32,
+    },
 }
 
 /// One page of a listing.
@@ -522,6 +597,20 @@ pub enum Value {
         matched: u64,
         last: u64,
     },
+    /// Chunks dropped, with their stored sizes.
+    Dropped(Vec<(ChunkId, u64)>),
+    ChunkIds {
+        ids: Vec<ChunkId>,
+        /// Where the next page starts, if there may be one.
+        #[serde(with = "serde_bytes")]
+        next: Option<Vec<u8>>,
+    },
+    ChunkRecords(Vec<(ChunkId, ChunkRecord)>),
+    Recorded {
+        ids: Vec<ChunkId>,
+        floor: Floor,
+    },
+    StaleUploads(Vec<StaleUpload>),
 }
 
 /// A change to a shard's Raft group, run on its leader.
@@ -585,6 +674,10 @@ pub enum ShardError {
     InsufficientStorage(String),
     #[error("the layout changed meanwhile (now at epoch {now}); try again")]
     LayoutChanged { now: u64 },
+    /// A write naming chunks untouched since a garbage collection began
+    /// (see `State::check_touched`): touch them again, then retry.
+    #[error("the write's chunks were last touched before a garbage collection began")]
+    ChunksStale,
     /// A conditional write whose `If-Match` / `If-None-Match` did not hold.
     #[error("at least one of the preconditions you specified did not hold")]
     PreconditionFailed,

@@ -12,6 +12,10 @@ use crate::store::{Batch, Reader, StoreError};
 use crate::types::{ChunkId, WriteId};
 use md5::{Digest, Md5};
 
+mod gc;
+
+pub use gc::chunk_record;
+
 /// S3's smallest part, except for the last one.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
@@ -28,6 +32,8 @@ mod tag {
     pub const TOMBSTONE: u8 = b'D';
     pub const LAYOUT: u8 = b'L';
     pub const REBALANCE: u8 = b'R';
+    /// The shard's garbage-collection floor (see `gc`).
+    pub const FLOOR: u8 = b'G';
     /// A request's write id -> the reply its first application gave.
     pub const WRITE: u8 = b'W';
     /// When a write id was recorded (ms, big-endian) then the id: the
@@ -225,7 +231,7 @@ pub fn chunks_with_sizes(r: &dyn Reader) -> Io<Vec<(ChunkId, u64)>> {
     for kv in r.prefix(&[tag::CHUNK])? {
         let (k, v) = kv?;
         if let Some(id) = chunk_of_key(&k) {
-            out.push((id, decode(&v)?));
+            out.push((id, chunk_record(&v)?.len));
         }
     }
     Ok(out)
@@ -271,7 +277,9 @@ impl<'a> State<'a> {
             return first;
         }
         let reply = self.refusal_writes_nothing(self.apply(cmd, batch), batch);
-        if matches!(&reply, Err(e) if !e.is_deterministic()) {
+        // Stale chunks are touched and the same request proposed again:
+        // that refusal is not its answer.
+        if matches!(&reply, Err(e) if !e.is_deterministic() || *e == ShardError::ChunksStale) {
             return reply;
         }
         self.forget_writes_before(at_ms - REMEMBER_WRITES_MS, batch)?;
@@ -483,6 +491,7 @@ impl<'a> State<'a> {
                 manifest,
                 limit,
                 precondition,
+                touched_ms,
             } => {
                 self.require_index(tenant, bucket)?;
                 let k = object_key(tenant, bucket, object);
@@ -491,6 +500,7 @@ impl<'a> State<'a> {
                     return Ok(Value::Done);
                 }
                 precondition.check(stored.as_ref())?;
+                self.check_touched(*touched_ms)?;
                 let before = self.usage(tenant, bucket)?;
                 let mut after = before;
                 forget_object(stored.as_ref(), &mut after);
@@ -532,11 +542,13 @@ impl<'a> State<'a> {
                 part_number,
                 part,
                 limit,
+                touched_ms,
             } => {
                 self.require_index(tenant, bucket)?;
                 if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
                     return Err(ShardError::NoSuchUpload);
                 }
+                self.check_touched(*touched_ms)?;
                 let k = part_key(tenant, bucket, upload_id, *part_number);
                 let before = self.usage(tenant, bucket)?;
                 let mut after = before;
@@ -648,10 +660,15 @@ impl<'a> State<'a> {
                 r.cancel = true;
                 batch.insert([tag::REBALANCE], encode(&r));
             }
-            Command::AddChunks { chunks } => {
-                for (id, len) in chunks {
-                    batch.insert(chunk_key(id), encode(len));
-                }
+            Command::AddChunks { chunks, stamp_ms } => {
+                return self.add_chunks(chunks, *stamp_ms, batch);
+            }
+            Command::TouchChunks { ids, stamp_ms } => {
+                return self.touch_chunks(ids, *stamp_ms, batch);
+            }
+            Command::RaiseFloor { floor } => return self.raise_floor(*floor, batch),
+            Command::DropChunks { ids, below_ms } => {
+                return self.drop_chunks(ids, *below_ms, batch);
             }
         }
         Ok(Value::Done)
@@ -893,6 +910,10 @@ impl<'a> State<'a> {
                 }
                 Ok(Value::Uploads { uploads, truncated })
             }
+            Query::ChunkRefs { after, max } => self.chunk_refs(after, *max),
+            Query::ChunkRecords { after, max } => self.chunk_records(*after, *max),
+            Query::Recorded { ids } => self.recorded_among(ids),
+            Query::StaleUploads { before_ms, max } => self.stale_uploads(*before_ms, *max),
         }
     }
 
@@ -1069,6 +1090,7 @@ mod tests {
             manifest,
             limit: None,
             precondition,
+            touched_ms: None,
         }
     }
 
@@ -1134,6 +1156,7 @@ mod tests {
                 chunks: vec![],
             },
             limit: None,
+            touched_ms: None,
         })
         .unwrap();
         s
@@ -1409,5 +1432,104 @@ mod tests {
                 objects: 1
             }))
         ));
+    }
+
+    fn chunk(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn chunked(key: &str, ids: &[ChunkId], touched_ms: i64, write: u128) -> Command {
+        let mut m = manifest("e", id(write));
+        m.body = Body::Chunks(ids.iter().map(|id| ChunkSpan { id: *id, len: 3 }).collect());
+        Command::PutObject {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            key: key.into(),
+            manifest: m,
+            limit: None,
+            precondition: Precondition::default(),
+            touched_ms: Some(touched_ms),
+        }
+    }
+
+    #[test]
+    fn a_collection_drops_only_unnamed_chunks_untouched_since_its_floor_and_fences_late_writes() {
+        let mut s = Space::default();
+        s.apply(&Command::OpenIndex {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            creation: id(1),
+        })
+        .unwrap();
+        let (named, unnamed, fresh) = (chunk(1), chunk(2), chunk(3));
+        let add = |ids: &[ChunkId], stamp_ms| Command::AddChunks {
+            chunks: ids.iter().map(|id| (*id, 3)).collect(),
+            stamp_ms,
+        };
+        s.apply(&add(&[named, unnamed], 100)).unwrap();
+        s.apply(&add(&[fresh], 500)).unwrap();
+        s.apply(&chunked("k", &[named], 100, 10)).unwrap();
+
+        let floor = Floor {
+            touched_ms: 200,
+            recorded_ms: 100,
+        };
+        s.apply(&Command::RaiseFloor { floor }).unwrap();
+        let refs = State::new(&s).query(&Query::ChunkRefs {
+            after: vec![],
+            max: 10,
+        });
+        assert!(matches!(refs, Ok(Value::ChunkIds { ids, next: None }) if ids == [named]));
+        let dropped = s.apply(&Command::DropChunks {
+            ids: vec![unnamed, fresh],
+            below_ms: 200,
+        });
+        assert!(matches!(dropped, Ok(Value::Dropped(d)) if d == [(unnamed, 3)]));
+
+        // Writes racing the collection are refused, changing nothing; a
+        // manifest refused for stale chunks commits once they are touched.
+        let stale = ShardError::ChunksStale;
+        assert_eq!(
+            s.apply(&chunked("k2", &[named], 100, 11)).unwrap_err(),
+            stale
+        );
+        let touch = |ids: &[ChunkId], stamp_ms| Command::TouchChunks {
+            ids: ids.to_vec(),
+            stamp_ms,
+        };
+        assert_eq!(
+            s.apply(&touch(&[named], 150)).unwrap_err(),
+            stale,
+            "touch below the floor"
+        );
+        assert_eq!(
+            s.apply(&touch(&[named, unnamed], 300)).unwrap_err(),
+            stale,
+            "touch of a dropped chunk"
+        );
+        s.apply(&touch(&[named], 300)).unwrap();
+        s.apply(&chunked("k2", &[named], 300, 11)).unwrap();
+        assert_eq!(
+            s.apply(&add(&[chunk(4)], 99)).unwrap_err(),
+            stale,
+            "record below the mark"
+        );
+        assert!(matches!(
+            s.apply(&Command::DropChunks {
+                ids: vec![named],
+                below_ms: 300,
+            }),
+            Err(ShardError::InvalidArgument(_))
+        ));
+
+        // Records written before touch times read as touched at 0.
+        s.0.insert(chunk_key(&chunk(5)), encode(&7u64));
+        assert_eq!(
+            chunk_record(&s.0[&chunk_key(&chunk(5))]).unwrap(),
+            ChunkRecord {
+                len: 7,
+                touched_ms: 0
+            }
+        );
     }
 }

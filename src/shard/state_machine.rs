@@ -257,6 +257,8 @@ struct Applied {
     replies: Vec<Reply>,
     /// Chunks named by `AddChunks` entries, for the repair task.
     chunks: Vec<ChunkId>,
+    /// Chunks `DropChunks` entries dropped, whose files go.
+    dropped: Vec<ChunkId>,
 }
 
 /// Applies `entries` to `space` in store writes of at most
@@ -270,6 +272,7 @@ fn apply_entries(
     let mut out = Applied {
         replies: Vec::with_capacity(entries.len()),
         chunks: Vec::new(),
+        dropped: Vec::new(),
     };
     let mut entries = entries.into_iter().peekable();
     while entries.peek().is_some() {
@@ -307,8 +310,11 @@ fn apply_one(
                     return Err(StoreError(format!("applying {}: {e}", entry.log_id)));
                 }
                 Err(_) => {}
+                Ok(Value::Dropped(dropped)) => {
+                    out.dropped.extend(dropped.iter().map(|(id, _)| *id));
+                }
                 Ok(_) => {
-                    if let Command::AddChunks { chunks } = cmd {
+                    if let Command::AddChunks { chunks, .. } = cmd {
                         out.chunks.extend(chunks.iter().map(|(id, _)| *id));
                     }
                 }
@@ -364,6 +370,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(sm_err)?;
         for id in applied.chunks {
             self.chunk_refs.name(id);
+        }
+        if !applied.dropped.is_empty() {
+            // The entries are committed: replaying them after a crash
+            // drops the same chunks, so the files may go now.
+            let missing = self.chunk_refs.clone();
+            let unlink = move || {
+                applied
+                    .dropped
+                    .into_iter()
+                    .for_each(|id| missing.collected(id))
+            };
+            tokio::task::spawn_blocking(unlink).await.map_err(sm_err)?;
         }
         Ok(applied.replies)
     }
