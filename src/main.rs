@@ -113,6 +113,9 @@ enum AdminCommand {
     /// Move replicas so every node holds its share of replicas and bytes;
     /// prints the plan, then follows it with a progress bar.
     Rebalance(RebalanceArgs),
+    /// Run one garbage collection now: chunks no object names, untouched
+    /// for the grace period, go from every replica.
+    Gc(admin::gc::GcArgs),
     /// Tenants: the companies whose data the cluster holds.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -324,6 +327,7 @@ start it with `lumbung node --config {0}`, then add it with `lumbung admin node 
         AdminCommand::Rebalance(args) => {
             node_commands::rebalance(&admin_config(config)?, json, args).await?
         }
+        AdminCommand::Gc(args) => admin::gc::run(&admin_config(config)?, json, args).await?,
         AdminCommand::Status => {
             let cfg = admin_config(config)?;
             let view = admin::status::collect(&cfg).await?;

@@ -17,6 +17,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 use bytes::Bytes;
 use common::{assert_reads_back, bytes};
+use lumbung::config::AdminConfig;
 use lumbung::dev::DevCluster;
 use lumbung::node::objects::Target;
 use lumbung::node::RunningNode;
@@ -278,7 +279,13 @@ async fn churn_leaves_only_live_bytes_after_collection() {
     let live_bytes: u64 = live.values().map(|v| v.len() as u64).sum();
     tokio::time::sleep(GRACE + Duration::from_millis(200)).await;
     let started = Instant::now();
-    collect(&c).await;
+    // The collection as `admin gc --wait` runs it, then the sweeps.
+    let admin: AdminConfig = lumbung::config::load(&c.dir.join("admin.toml")).unwrap();
+    let report = lumbung::admin::gc::collect(&admin, true).await.unwrap();
+    print!("admin gc --wait: {}", lumbung::admin::gc::render(&report));
+    for n in nodes(&c) {
+        n.objects.gc.sweep(&n.objects.chunks).await.unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let now = held(&c);
@@ -288,6 +295,13 @@ async fn churn_leaves_only_live_bytes_after_collection() {
                 started.elapsed()
             );
             assert!(!path.exists(), "the orphan file is still there");
+            // What the report says it freed is what went, the orphan aside.
+            let gone = before.iter().sum::<u64>() - now.iter().sum::<u64>() - MIB as u64;
+            let told = report.disk_bytes;
+            assert!(
+                told.abs_diff(gone) <= gone / 100,
+                "the report says {told} bytes freed, {gone} went"
+            );
             break;
         }
         assert!(

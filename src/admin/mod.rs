@@ -2,6 +2,7 @@
 //! managing tenants and their access keys, and changing the cluster's
 //! members.
 
+pub mod gc;
 pub mod init;
 pub mod node_commands;
 pub mod nodes;

@@ -285,7 +285,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
     })
 }
 
-fn mib(b: u64) -> String {
+pub(crate) fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 

@@ -40,9 +40,11 @@ type Result<T> = std::result::Result<T, ShardError>;
 pub struct Collected {
     pub started_ms: i64,
     pub finished_ms: i64,
-    /// Chunks dropped and their stored bytes (per replica).
+    /// Chunks dropped, the object content they held, and the disk their
+    /// files took on all replicas.
     pub chunks: u64,
     pub bytes: u64,
+    pub disk_bytes: u64,
     /// Chunk ids named by objects and parts when it looked.
     pub referenced: u64,
     pub uploads_aborted: u64,
@@ -142,9 +144,13 @@ pub async fn collect(host: &ShardHost, cfg: &GcConfig) -> Result<Collected> {
         ..Default::default()
     };
     for shard in &shards {
-        let (chunks, bytes) = drop_unnamed(host, *shard, &referenced, floor_ms).await?;
-        out.chunks += chunks;
-        out.bytes += bytes;
+        let dropped = drop_unnamed(host, *shard, &referenced, floor_ms).await?;
+        let copies = host.layout().replicas(*shard).len() as u64;
+        out.chunks += dropped.len() as u64;
+        for (_, len) in dropped {
+            out.bytes += len;
+            out.disk_bytes += (len + crate::crypto::OVERHEAD as u64) * copies;
+        }
     }
     let before_ms = started_ms - cfg.abort_uploads_after_days as i64 * DAY_MS;
     for shard in &shards {
@@ -174,14 +180,14 @@ async fn named_in(host: &ShardHost, shard: ShardId) -> Result<Vec<ChunkId>> {
 }
 
 /// Drops the chunk records of `shard` not in `referenced` and untouched
-/// since `floor_ms`; returns the chunks and bytes dropped.
+/// since `floor_ms`; returns the chunks dropped with their content length.
 async fn drop_unnamed(
     host: &ShardHost,
     shard: ShardId,
     referenced: &HashSet<ChunkId>,
     floor_ms: i64,
-) -> Result<(u64, u64)> {
-    let (mut chunks, mut bytes) = (0, 0);
+) -> Result<Vec<(ChunkId, u64)>> {
+    let mut all = Vec::new();
     let mut after = None;
     loop {
         let page: Vec<(ChunkId, ChunkRecord)> = match host
@@ -192,7 +198,7 @@ async fn drop_unnamed(
             v => return Err(unexpected(v)),
         };
         let Some((last, _)) = page.last() else {
-            return Ok((chunks, bytes));
+            return Ok(all);
         };
         after = Some(*last);
         let ids: Vec<ChunkId> = page
@@ -208,10 +214,7 @@ async fn drop_unnamed(
             below_ms: floor_ms,
         };
         match host.propose(shard, &cmd).await? {
-            Value::Dropped(dropped) => {
-                chunks += dropped.len() as u64;
-                bytes += dropped.iter().map(|(_, len)| len).sum::<u64>();
-            }
+            Value::Dropped(dropped) => all.extend(dropped),
             v => return Err(unexpected(v)),
         }
     }

@@ -286,6 +286,39 @@ pub(super) async fn rebalance_progress(
     ok(rebalance_status(latest.as_ref()))
 }
 
+/// Runs a collection from this node (any node may: a collection racing
+/// the meta leader's is as safe as any write racing it).
+pub(super) async fn collect_garbage(
+    this: &NodeService,
+    req: Request<pb::GcRequest>,
+) -> Rpc<pb::GcReport> {
+    let gc = this.objects.gc.clone();
+    let host = this.objects.chunks.host.clone();
+    if !req.into_inner().wait {
+        tokio::spawn(async move {
+            if let Err(e) = gc.collect(&host).await {
+                tracing::warn!("garbage collection asked by an admin stopped: {e}");
+            }
+        });
+        return ok(pb::GcReport {
+            started_only: true,
+            started_ms: crate::types::now_ms(),
+            ..Default::default()
+        });
+    }
+    let c = gc.collect(&host).await.map_err(status_of)?;
+    ok(pb::GcReport {
+        started_only: false,
+        started_ms: c.started_ms,
+        finished_ms: c.finished_ms,
+        chunks: c.chunks,
+        bytes: c.bytes,
+        disk_bytes: c.disk_bytes,
+        referenced: c.referenced,
+        uploads_aborted: c.uploads_aborted,
+    })
+}
+
 pub(super) async fn list_nodes(this: &NodeService, _req: Request<pb::Empty>) -> Rpc<pb::Members> {
     let layout = members::current(&this.objects.chunks.host)
         .await

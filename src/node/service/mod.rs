@@ -228,6 +228,10 @@ impl Node for NodeService {
         admin::rebalance_progress(self, req).await
     }
 
+    async fn collect_garbage(&self, req: Request<pb::GcRequest>) -> Rpc<pb::GcReport> {
+        admin::collect_garbage(self, req).await
+    }
+
     async fn list_nodes(&self, req: Request<pb::Empty>) -> Rpc<pb::Members> {
         admin::list_nodes(self, req).await
     }
