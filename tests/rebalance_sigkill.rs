@@ -8,7 +8,8 @@
 //!   2. a node is SIGKILLed for good and removed with `--dead`; every
 //!      shard is back at RF within a time the test prints.
 //!
-//! Every acknowledged object then reads back byte for byte.
+//! Garbage collection runs every 2 s with a 5 s grace throughout. Every
+//! acknowledged object then reads back byte for byte.
 
 mod common;
 
@@ -143,6 +144,9 @@ async fn rebalance_and_node_loss_survive_sigkill() {
         init_cluster(&common::init_options(&dir, common::free_ports(4), SHARDS)).unwrap();
     // New replicas catch up by snapshot: the logs are purged long before.
     common::processes::set_snapshot_every(&dir, 10);
+    // Collections run throughout, moves and kills included (node 4 copies
+    // node 1's settings).
+    common::processes::set_gc(&dir, 5, 2);
     let admin: AdminConfig = lumbung::config::load(&dir.join("admin.toml")).unwrap();
     let mut procs = Processes::new(&dir);
     for slot in [1, 2, 3, 0] {
@@ -220,6 +224,9 @@ async fn rebalance_and_node_loss_survive_sigkill() {
     );
     procs.spawn(coordinator);
     wait_up(&admin, &procs, coordinator).await;
+    let collections = common::processes::collections_logged(&dir);
+    println!("{collections} garbage collections ran so far");
+    assert!(collections > 0, "no garbage collection ran");
 
     // 2. A node dies for good and is removed as dead.
     let leader = meta_leader(&admin).await;

@@ -220,6 +220,30 @@ pub fn set_snapshot_every(dir: &Path, entries: u64) {
     }
 }
 
+/// How many garbage collections the nodes in `dir` logged as finished.
+pub fn collections_logged(dir: &Path) -> usize {
+    (1..=9)
+        .filter_map(|id| std::fs::read_to_string(dir.join(format!("node{id}.log"))).ok())
+        .map(|log| log.matches("garbage collected").count())
+        .sum()
+}
+
+/// Makes nodes 1-3 collect garbage every `interval_secs` with a grace of
+/// `grace_secs`, so collections run beside the faults a test injects.
+pub fn set_gc(dir: &Path, grace_secs: u64, interval_secs: u64) {
+    for id in 1..=3 {
+        let p = dir.join(format!("node{id}.toml"));
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("grace_secs = 3600", &format!("grace_secs = {grace_secs}"))
+            .replace(
+                "interval_secs = 900",
+                &format!("interval_secs = {interval_secs}"),
+            );
+        std::fs::write(&p, text).unwrap();
+    }
+}
+
 /// What the processes log: `LUMBUNG_TEST_LOG` (a `RUST_LOG` filter) when
 /// set, to follow one fault in detail; warnings and the shards' and nodes'
 /// own lines otherwise.
