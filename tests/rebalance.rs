@@ -522,3 +522,78 @@ async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T
         .await
         .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
 }
+
+/// A replica a move left joining (its rebalance stopped before the move
+/// finished) is taken back: the learner leaves the shard's group, the
+/// layout forgets it, and the node wipes what it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_left_joining_by_a_stopped_move_is_dropped() {
+    common::log_if_asked();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = lumbung::dev::DevOptions::new(tmp.path().join("cluster"), common::free_ports(5));
+    opts.nodes = 4;
+    opts.shards = 8;
+    let cluster = lumbung::dev::start(&opts).await.unwrap();
+    let client = common::s3(&cluster.env);
+    write_before(&client, 4).await;
+    let host = cluster.nodes[0].as_ref().unwrap().host.clone();
+    let layout = lumbung::node::members::current(&host).await.unwrap();
+    let (shard, node) = (1..layout.shards)
+        .map(ShardId)
+        .find_map(|s| {
+            let voters = layout.replicas(s);
+            (1..=4u64).find(|n| !voters.contains(n)).map(|n| (s, n))
+        })
+        .unwrap();
+
+    // What a move stopped after its second step leaves: a learner, and the
+    // layout naming it joining.
+    let addr = layout.addr_of(node).unwrap().to_string();
+    let add = MembershipOp::AddLearner { node, addr };
+    let started = Instant::now();
+    while host.membership(shard, &add).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no learner added"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lumbung::node::members::change(&host, |l| {
+        l.joining.insert(shard.0, node);
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    let learner_of = |n: &lumbung::node::RunningNode| {
+        n.host.raft(shard).is_some_and(|r| {
+            let m = r.metrics().borrow().membership_config.membership().clone();
+            let learner = m.learner_ids().any(|l| l == node);
+            learner
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let layout = lumbung::node::members::current(&host).await.unwrap();
+        let learner_anywhere = cluster.nodes.iter().flatten().any(&learner_of);
+        let holds = cluster.nodes[node as usize - 1]
+            .as_ref()
+            .unwrap()
+            .host
+            .raft(shard)
+            .is_some();
+        if layout.joining.is_empty() && !learner_anywhere && !holds {
+            println!(
+                "shard {shard}'s learner on node {node} dropped in {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left joining: {:?}, a learner still: {learner_anywhere}, node {node} holds a replica: {holds}",
+            layout.joining
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

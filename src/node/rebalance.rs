@@ -161,6 +161,13 @@ pub async fn coordinate(chunks: Chunks) {
                     tracing::warn!("rebalance paused: {e}");
                 }
             }
+            // A stopped rebalance whose coordinator died before it took
+            // back what its last moves had begun.
+            Ok(_) if !chunks.host.layout().joining.is_empty() => {
+                if let Err(e) = drop_joining(&chunks.host).await {
+                    tracing::warn!("replicas left joining not dropped yet: {e}");
+                }
+            }
             _ => {}
         }
     }
@@ -191,7 +198,8 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
         }
         if r.cancel {
             r.state = RebalanceState::Cancelled;
-            return record(&chunks.host, r.done, &mut r).await;
+            record(&chunks.host, r.done, &mut r).await?;
+            return drop_joining(&chunks.host).await;
         }
         let batch = next_batch(&r.moves[r.done..]);
         let results =
@@ -218,7 +226,8 @@ async fn run(chunks: &Chunks, mut r: Rebalance) -> Result<()> {
                     "moving shard {} from node {} to node {}: {e}",
                     mv.shard, mv.from, mv.to
                 ));
-                return record(&chunks.host, r.done, &mut r).await;
+                record(&chunks.host, r.done, &mut r).await?;
+                return drop_joining(&chunks.host).await;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -338,6 +347,37 @@ async fn move_replica(chunks: &Chunks, mv: &Move) -> Result<()> {
     })
     .await?;
     tracing::info!(%shard, from = mv.from, to = mv.to, "moved a replica");
+    Ok(())
+}
+
+/// Takes back the replicas moves of a stopped rebalance left joining: the
+/// shard's leader drops the learner from its group and the layout forgets
+/// it, so the node wipes its copy and the log and chunks it pinned. A
+/// replica that already became a voter stays, for a rebalance to finish.
+async fn drop_joining(host: &ShardHost) -> Result<()> {
+    let layout = members::current(host).await?;
+    for (&shard, &node) in &layout.joining {
+        let shard = ShardId(shard);
+        match host
+            .membership(shard, &MembershipOp::DropLearner { node })
+            .await
+        {
+            Ok(_) => {}
+            Err(ShardError::InvalidArgument(why)) => {
+                tracing::warn!(%shard, node, "replica left joining kept: {why}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        members::change(host, |l| {
+            if l.joining.get(&shard.0) == Some(&node) {
+                l.joining.remove(&shard.0);
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(%shard, node, "dropped the replica a stopped move left joining");
+    }
     Ok(())
 }
 

@@ -625,6 +625,9 @@ pub enum MembershipOp {
     /// Makes exactly `voters` the voters (joint consensus underneath);
     /// members left out, learners included, leave the group.
     SetVoters { voters: Vec<u64> },
+    /// Removes `node` from the group if it is a learner (refused if it is a
+    /// voter; done already if it is neither).
+    DropLearner { node: u64 },
     /// Hands leadership to `node` (a voter), for balancing leaders.
     TransferLeader { node: u64 },
     /// Sent by a leader handing over to this node: start an election now.

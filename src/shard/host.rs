@@ -776,6 +776,23 @@ impl ShardHost {
                     .map_err(|_| failed(format!("membership change took over {WRITE_DEADLINE:?}")))?
                     .map_err(|e| failed(e.to_string()))?;
             }
+            MembershipOp::DropLearner { node } => {
+                let membership = metrics.membership_config.membership().clone();
+                if membership.voter_ids().any(|v| v == *node) {
+                    return Err(ShardError::InvalidArgument(format!(
+                        "node {node} is a voter of shard {shard}, not a learner"
+                    )));
+                }
+                if membership.learner_ids().any(|l| l == *node) {
+                    let gone = openraft::ChangeMembers::RemoveNodes([*node].into());
+                    tokio::time::timeout(WRITE_DEADLINE, r.raft.change_membership(gone, false))
+                        .await
+                        .map_err(|_| {
+                            failed(format!("membership change took over {WRITE_DEADLINE:?}"))
+                        })?
+                        .map_err(|e| failed(e.to_string()))?;
+                }
+            }
             MembershipOp::TransferLeader { node } => self.hand_over(shard, &r, *node).await?,
             MembershipOp::Elect => unreachable!("handled above"),
         }
