@@ -310,6 +310,22 @@ async fn churn_leaves_only_live_bytes_after_collection() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // `admin status` shows the collection, the sweep and the disk by kind.
+    let view = lumbung::admin::status::collect(&admin).await.unwrap();
+    let ran = view
+        .nodes
+        .iter()
+        .find_map(|n| n.last_gc.as_ref())
+        .expect("a collection shown");
+    assert_eq!(ran.disk_bytes_freed, report.disk_bytes);
+    let n1 = view.nodes.iter().find(|n| n.node_id == 1).unwrap();
+    assert_eq!((n1.swept_files, n1.swept_bytes), (1, MIB as u64));
+    assert!(view
+        .nodes
+        .iter()
+        .all(|n| n.raft_log_bytes > 0 && n.state_bytes > 0));
+    let text = lumbung::admin::status::render(&view);
+    assert!(text.contains("last garbage collection: by node"), "{text}");
     for (key, data) in &live {
         let got = s3
             .get_object()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One node as the admin sees it.
-#[derive(Serialize)]
+#[derive(Default, Serialize)]
 pub struct NodeView {
     pub addr: String,
     pub up: bool,
@@ -25,6 +25,39 @@ pub struct NodeView {
     pub rss_bytes: u64,
     pub replicas: usize,
     pub leads: usize,
+    /// Bytes on disk besides the chunks.
+    pub raft_log_bytes: u64,
+    pub state_bytes: u64,
+    pub snapshot_bytes: u64,
+    /// The last garbage collection this node ran, and its last sweep of
+    /// orphan chunk files.
+    pub last_gc: Option<GcView>,
+    pub swept_files: u64,
+    pub swept_bytes: u64,
+}
+
+/// One garbage collection (see `admin gc`).
+#[derive(Clone, Serialize)]
+pub struct GcView {
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub chunks_freed: u64,
+    pub content_bytes_freed: u64,
+    pub disk_bytes_freed: u64,
+    pub uploads_aborted: u64,
+}
+
+impl From<&pb::GcReport> for GcView {
+    fn from(r: &pb::GcReport) -> GcView {
+        GcView {
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            chunks_freed: r.chunks,
+            content_bytes_freed: r.bytes,
+            disk_bytes_freed: r.disk_bytes,
+            uploads_aborted: r.uploads_aborted,
+        }
+    }
 }
 
 /// One shard, merged from what its replicas report.
@@ -212,14 +245,8 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
                     addr: addr.to_string(),
                     up: false,
                     health: health_of_silent(*addr).await.into(),
-                    node_id: 0,
                     error: Some(error),
-                    chunk_bytes: 0,
-                    chunk_count: 0,
-                    chunks_missing: 0,
-                    rss_bytes: 0,
-                    replicas: 0,
-                    leads: 0,
+                    ..Default::default()
                 });
                 continue;
             }
@@ -259,6 +286,12 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
             rss_bytes: status.rss_bytes,
             replicas: status.shards.len(),
             leads,
+            raft_log_bytes: status.raft_log_bytes,
+            state_bytes: status.state_bytes,
+            snapshot_bytes: status.snapshot_bytes,
+            last_gc: status.last_gc.as_ref().map(GcView::from),
+            swept_files: status.swept_files,
+            swept_bytes: status.swept_bytes,
         });
     }
     let gateways = gateways
@@ -287,6 +320,44 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
 
 pub(crate) fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// Bytes on disk by kind, and the latest garbage collection.
+fn render_disk(view: &ClusterView) -> String {
+    let mut out = format!(
+        "\ndisk\n{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}\n",
+        "NODE", "CHUNKS", "RAFT LOG", "STATE", "SNAPSHOTS", "ORPHANS SWEPT"
+    );
+    for n in view.nodes.iter().filter(|n| n.up) {
+        out.push_str(&format!(
+            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}\n",
+            n.node_id,
+            mib(n.chunk_bytes),
+            mib(n.raft_log_bytes),
+            mib(n.state_bytes),
+            mib(n.snapshot_bytes),
+            format!("{} ({})", n.swept_files, mib(n.swept_bytes)),
+        ));
+    }
+    let latest = view
+        .nodes
+        .iter()
+        .filter_map(|n| n.last_gc.as_ref().map(|g| (n.node_id, g)))
+        .max_by_key(|(_, g)| g.finished_ms);
+    match latest {
+        Some((node, g)) => out.push_str(&format!(
+            "last garbage collection: by node {node}, {:.0} s ago, took {:.1} s: \
+             {} chunks freed ({} of content, {} on disk), {} uploads aborted\n",
+            (crate::types::now_ms() - g.finished_ms) as f64 / 1000.0,
+            (g.finished_ms - g.started_ms) as f64 / 1000.0,
+            g.chunks_freed,
+            mib(g.content_bytes_freed),
+            mib(g.disk_bytes_freed),
+            g.uploads_aborted,
+        )),
+        None => out.push_str("last garbage collection: none since the nodes started\n"),
+    }
+    out
 }
 
 /// The human table.
@@ -322,6 +393,7 @@ pub fn render(view: &ClusterView) -> String {
             out.push_str(&format!("       error: {e}\n"));
         }
     }
+    out.push_str(&render_disk(view));
     let leaderless = view.shards.iter().filter(|s| s.leader.is_none()).count();
     out.push_str(&format!(
         "\n{} shards, {} without a leader\n{:<6} {:<8} {:<12} {:>12}\n",

@@ -26,6 +26,7 @@ use crate::shard::{Command, Query, ShardError, ShardHost, Value};
 use crate::types::{now_ms, ChunkId, ShardId};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +62,8 @@ pub struct Swept {
 /// last sweep (for `admin`).
 pub struct Gc {
     pub cfg: GcConfig,
+    /// The node's data folder, whose bytes `disk_bytes` counts.
+    data_dir: PathBuf,
     pub last_collection: Mutex<Option<Collected>>,
     pub last_sweep: Mutex<Option<Swept>>,
     /// One collection at a time on this node (the timer's or an admin's).
@@ -68,9 +71,10 @@ pub struct Gc {
 }
 
 impl Gc {
-    pub fn new(cfg: GcConfig) -> Gc {
+    pub fn new(cfg: GcConfig, data_dir: &Path) -> Gc {
         Gc {
             cfg,
+            data_dir: data_dir.to_path_buf(),
             last_collection: Mutex::default(),
             last_sweep: Mutex::default(),
             running: tokio::sync::Mutex::new(()),
@@ -91,6 +95,17 @@ impl Gc {
         Ok(c)
     }
 
+    /// Bytes on disk besides the chunks: the Raft log, the state and meta
+    /// stores, snapshot files.
+    pub fn disk_bytes(&self) -> DiskBytes {
+        let size = |sub: &str| folder_bytes(&self.data_dir.join(sub));
+        DiskBytes {
+            raft_log: size("raftlog"),
+            state: size("state"),
+            snapshots: size("snapshots"),
+        }
+    }
+
     /// Sweeps this node's orphan files now and remembers what it did.
     pub async fn sweep(&self, chunks: &Chunks) -> Result<Swept> {
         let s = sweep_orphans(chunks, &self.cfg).await?;
@@ -100,6 +115,27 @@ impl Gc {
         *self.last_sweep.lock().unwrap() = Some(s.clone());
         Ok(s)
     }
+}
+
+/// What `Gc::disk_bytes` counts.
+pub struct DiskBytes {
+    pub raft_log: u64,
+    pub state: u64,
+    pub snapshots: u64,
+}
+
+/// The bytes of the files directly in `dir` (0 if it cannot be read).
+fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn unexpected(v: Value) -> ShardError {

@@ -161,7 +161,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         chunks,
         keys: Arc::new(keys::KeyCache::new(master)),
         retouch_ms: cfg.gc.grace_ms() / 2,
-        gc: Arc::new(gc::Gc::new(cfg.gc.clone())),
+        gc: Arc::new(gc::Gc::new(cfg.gc.clone(), &cfg.data_dir)),
     };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -2,7 +2,7 @@
 //! rebalancing.
 
 use super::{bad, ok, rss_bytes, NodeService, Rpc, VIEW_KEPT};
-use crate::node::{members, rebalance};
+use crate::node::{gc, members, rebalance};
 use crate::placement::{Layout, Member, MemberState, DEFAULT_CAPACITY};
 use crate::rpc::pb;
 use crate::rpc::status_of;
@@ -307,7 +307,11 @@ pub(super) async fn collect_garbage(
         });
     }
     let c = gc.collect(&host).await.map_err(status_of)?;
-    ok(pb::GcReport {
+    ok(gc_report(&c))
+}
+
+fn gc_report(c: &gc::Collected) -> pb::GcReport {
+    pb::GcReport {
         started_only: false,
         started_ms: c.started_ms,
         finished_ms: c.finished_ms,
@@ -316,7 +320,7 @@ pub(super) async fn collect_garbage(
         disk_bytes: c.disk_bytes,
         referenced: c.referenced,
         uploads_aborted: c.uploads_aborted,
-    })
+    }
 }
 
 pub(super) async fn list_nodes(this: &NodeService, _req: Request<pb::Empty>) -> Rpc<pb::Members> {
@@ -329,6 +333,13 @@ pub(super) async fn list_nodes(this: &NodeService, _req: Request<pb::Empty>) -> 
 pub(super) async fn status(this: &NodeService, _req: Request<pb::Empty>) -> Rpc<pb::NodeStatus> {
     let host = &this.objects.chunks.host;
     let (chunk_bytes, chunk_count) = this.objects.chunks.store.totals();
+    let gc = this.objects.gc.clone();
+    let disk = tokio::task::spawn_blocking(move || gc.disk_bytes())
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let gc = &this.objects.gc;
+    let last_gc = gc.last_collection.lock().unwrap().as_ref().map(gc_report);
+    let swept = gc.last_sweep.lock().unwrap().clone().unwrap_or_default();
     ok(pb::NodeStatus {
         node_id: host.id,
         addr: host
@@ -341,6 +352,12 @@ pub(super) async fn status(this: &NodeService, _req: Request<pb::Empty>) -> Rpc<
         chunks_missing: this.objects.chunks.missing.len() as u64,
         rss_bytes: rss_bytes(),
         gateways: this.fresh_gateway_views(),
+        raft_log_bytes: disk.raft_log,
+        state_bytes: disk.state,
+        snapshot_bytes: disk.snapshots,
+        last_gc,
+        swept_files: swept.files,
+        swept_bytes: swept.bytes,
     })
 }
 
