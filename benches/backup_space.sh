@@ -43,17 +43,19 @@ export RCLONE_CONFIG="$work/rclone.conf" RCLONE_CONFIG_L_TYPE=s3 RCLONE_CONFIG_L
   RCLONE_CONFIG_L_FORCE_PATH_STYLE=true RCLONE_CA_CERT="$S3_CA_CERT"
 : >"$RCLONE_CONFIG"
 rst() { restic --cacert "$S3_CA_CERT" -q "$@"; }
+# rclone loads AWS_CA_BUNDLE itself and fails on it; RCLONE_CA_CERT is enough.
+rcl() { env -u AWS_CA_BUNDLE rclone "$@"; }
 
 rst init >/dev/null
 rst backup "$work/tree"
-rclone sync "$work/tree" "L:$S3_BUCKET/mirror"
+rcl sync "$work/tree" "L:$S3_BUCKET/mirror"
 for round in $(seq 1 "$rounds"); do
   for n in $(shuf -i 1-"$files" -n $((files / 10))); do
     head -c $((4 << 20)) /dev/urandom >"$work/tree/f$n"
   done
   rst backup "$work/tree"
   rst forget --keep-last 2 --prune >/dev/null
-  rclone sync "$work/tree" "L:$S3_BUCKET/mirror"
+  rcl sync "$work/tree" "L:$S3_BUCKET/mirror"
   echo "round $round done"
 done
 

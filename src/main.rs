@@ -371,9 +371,9 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
         TenantCommand::Show { name } => {
             let t = tenants::show_tenant(cfg, &name).await?;
             if json {
-                println!("{}", tenant_json(&t));
+                println!("{}", admin::tenants::json_of(&t));
             } else {
-                print_tenant(&t);
+                print!("{}", admin::tenants::render(&t));
             }
         }
         TenantCommand::SetQuota {
@@ -392,9 +392,9 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
             tenants::set_quota(cfg, &name, quota).await?;
             let t = tenants::show_tenant(cfg, &name).await?;
             if json {
-                println!("{}", tenant_json(&t));
+                println!("{}", admin::tenants::json_of(&t));
             } else {
-                print_tenant(&t);
+                print!("{}", admin::tenants::render(&t));
             }
         }
         TenantCommand::Delete { name, yes } => {
@@ -426,7 +426,7 @@ async fn tenant(cfg: &AdminConfig, json: bool, cmd: TenantCommand) -> anyhow::Re
         TenantCommand::RotateKey { name } => {
             let t = tenants::rotate_tenant_key(cfg, &name).await?;
             if json {
-                println!("{}", tenant_json(&t));
+                println!("{}", admin::tenants::json_of(&t));
             } else {
                 println!(
                     "tenant {name} now writes with key generation {}",
@@ -483,38 +483,6 @@ async fn keys(cfg: &AdminConfig, json: bool, cmd: KeysCommand) -> anyhow::Result
         }
     }
     Ok(())
-}
-
-fn tenant_json(t: &lumbung::rpc::pb::TenantInfo) -> serde_json::Value {
-    serde_json::json!({
-        "name": t.name,
-        "created_ms": t.created_ms,
-        "quota_bytes": t.quota_bytes,
-        "quota_objects": t.quota_objects,
-        "used_bytes": t.used_bytes,
-        "used_objects": t.used_objects,
-        "buckets": t.buckets,
-        "access_keys": t.access_keys,
-        "key_generation": t.key_generation,
-    })
-}
-
-fn print_tenant(t: &lumbung::rpc::pb::TenantInfo) {
-    let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
-    println!("tenant          {}", t.name);
-    println!(
-        "bytes           {} of {}",
-        t.used_bytes,
-        limit(t.quota_bytes)
-    );
-    println!(
-        "objects         {} of {}",
-        t.used_objects,
-        limit(t.quota_objects)
-    );
-    println!("buckets         {}", t.buckets);
-    println!("access keys     {}", t.access_keys);
-    println!("key generation  {}", t.key_generation);
 }
 
 async fn key(cfg: &AdminConfig, json: bool, cmd: KeyCommand) -> anyhow::Result<()> {

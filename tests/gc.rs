@@ -33,19 +33,7 @@ const GRACE: Duration = Duration::from_secs(2);
 /// A 3-node cluster whose nodes collect with a 2 s grace, and never on
 /// their own.
 async fn cluster(dir: &std::path::Path) -> DevCluster {
-    let dir = dir.join("cluster");
-    lumbung::admin::init_cluster(&common::init_options(&dir, common::free_ports(4), 8)).unwrap();
-    for id in 1..=3 {
-        let p = dir.join(format!("node{id}.toml"));
-        let text = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("grace_secs = 3600", "grace_secs = 2")
-            .replace("interval_secs = 900", "interval_secs = 86400");
-        std::fs::write(&p, text).unwrap();
-    }
-    let mut opts = lumbung::dev::DevOptions::new(dir, 0);
-    opts.shards = 8;
-    lumbung::dev::start(&opts).await.unwrap()
+    common::cluster_collecting(dir, 8, GRACE.as_secs()).await
 }
 
 fn nodes(c: &DevCluster) -> Vec<&RunningNode> {
@@ -411,4 +399,64 @@ async fn a_write_spanning_collections_keeps_its_chunks_or_fails_whole() {
         .await
         .unwrap_err();
     assert_eq!(common::status(&err), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_counts_toward_the_quota_until_collected() {
+    common::log_if_asked();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cluster(tmp.path()).await;
+    let admin: AdminConfig = lumbung::config::load(&c.dir.join("admin.toml")).unwrap();
+    use lumbung::admin::tenants::{self, QuotaSpec};
+    let quota = QuotaSpec {
+        bytes: Some(12 * MIB as u64),
+        objects: None,
+    };
+    tenants::create_tenant(&admin, "q", quota).await.unwrap();
+    let key = tenants::create_key(&admin, "q").await.unwrap();
+    let s3 = common::s3_with(&c.env, &key.access_key, &key.secret_key);
+    s3.create_bucket()
+        .bucket("quota-bucket")
+        .send()
+        .await
+        .unwrap();
+    let put = |seed| {
+        s3.put_object()
+            .bucket("quota-bucket")
+            .key("k")
+            .body(ByteStream::from(bytes(seed, 5 * MIB)))
+            .send()
+    };
+    put(1).await.unwrap();
+    put(2).await.unwrap();
+    // 5 MiB live and 5 MiB awaiting collection: another 5 MiB is over.
+    let shown = tenants::show_tenant(&admin, "q").await.unwrap();
+    assert_eq!(
+        (shown.used_bytes, shown.garbage_bytes),
+        (5 * MIB as u64, 5 * MIB as u64)
+    );
+    assert_eq!(
+        shown.stored_bytes,
+        30 * MIB as u64,
+        "(live + garbage) x RF 3"
+    );
+    let refused = put(3).await.unwrap_err();
+    assert_eq!(common::code(&refused), "QuotaExceeded");
+    let message = refused
+        .as_service_error()
+        .unwrap()
+        .meta()
+        .message()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("awaiting garbage collection"), "{message}");
+
+    // Collected (past the grace and the 10 s window garbage is dated by),
+    // the room is back.
+    tokio::time::sleep(Duration::from_secs(10) + GRACE).await;
+    lumbung::admin::gc::collect(&admin, true).await.unwrap();
+    let shown = tenants::show_tenant(&admin, "q").await.unwrap();
+    assert_eq!(shown.garbage_bytes, 0);
+    put(3).await.unwrap();
+    assert_reads_back(&s3, "quota-bucket", "k", 3, 5 * MIB).await;
 }

@@ -1,5 +1,6 @@
 //! Quotas: concurrent writers against a small quota, the documented bound
-//! on overshoot, and room freed by deletes.
+//! on overshoot, and room freed by deletes once garbage collection took
+//! what they freed.
 //!
 //! The bound (README, "Quotas"): writes to one bucket are checked
 //! atomically by its index shard and never overshoot; writes to several
@@ -56,7 +57,7 @@ async fn fill(c: &aws_sdk_s3::Client, buckets: &[&str], tag: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_stay_within_the_documented_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = common::cluster(dir.path(), 8).await;
+    let cluster = common::cluster_collecting(dir.path(), 8, 1).await;
     let admin: AdminConfig = config::load(&cluster.dir.join("admin.toml")).unwrap();
     let quota_bytes = 20 * OBJECT as u64 + OBJECT as u64 / 2;
     tenants::create_tenant(
@@ -123,6 +124,22 @@ async fn concurrent_writers_stay_within_the_documented_bound() {
     }
     let emptied = tenants::show_tenant(&admin, "small").await.unwrap();
     assert_eq!((emptied.used_bytes, emptied.used_objects), (0, 0));
+    // What the deletes freed counts until a collection takes it: past the
+    // grace and the 10 s window it is dated by.
+    assert!(emptied.garbage_bytes >= 20 * OBJECT as u64, "{emptied:?}");
+    let refused = c
+        .put_object()
+        .bucket("one")
+        .key("while-garbage-counts")
+        .body(ByteStream::from(vec![7u8; OBJECT]))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&refused), "QuotaExceeded");
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    lumbung::admin::gc::collect(&admin, true).await.unwrap();
+    let collected = tenants::show_tenant(&admin, "small").await.unwrap();
+    assert_eq!(collected.garbage_bytes, 0, "{collected:?}");
     let stored = fill(&c, &["one", "two", "three"], "b").await as u64;
     let shown = tenants::show_tenant(&admin, "small").await.unwrap();
     let bound = quota_bytes + (WRITERS as u64 - WRITERS as u64 / 3) * OBJECT as u64;

@@ -184,3 +184,47 @@ mod tests {
         assert!(parse("99999999999TiB").is_err());
     }
 }
+
+/// `tenant show --json`.
+pub fn json_of(t: &pb::TenantInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name,
+        "created_ms": t.created_ms,
+        "quota_bytes": t.quota_bytes,
+        "quota_objects": t.quota_objects,
+        "used_bytes": t.used_bytes,
+        "garbage_bytes": t.garbage_bytes,
+        "stored_bytes": t.stored_bytes,
+        "used_objects": t.used_objects,
+        "buckets": t.buckets,
+        "access_keys": t.access_keys,
+        "key_generation": t.key_generation,
+    })
+}
+
+/// `tenant show`: the logical bytes against the quota, what overwrites and
+/// deletes freed that is not collected yet (it counts toward the quota),
+/// and about what it all takes on disk.
+pub fn render(t: &pb::TenantInfo) -> String {
+    let limit = |l: Option<u64>| l.map_or("unlimited".to_string(), |n| n.to_string());
+    format!(
+        "tenant          {}\n\
+         bytes           {} of {}\n\
+         awaiting gc     {} (counted toward the quota until collected)\n\
+         stored          {} (with every replica and the garbage)\n\
+         objects         {} of {}\n\
+         buckets         {}\n\
+         access keys     {}\n\
+         key generation  {}\n",
+        t.name,
+        t.used_bytes,
+        limit(t.quota_bytes),
+        t.garbage_bytes,
+        t.stored_bytes,
+        t.used_objects,
+        limit(t.quota_objects),
+        t.buckets,
+        t.access_keys,
+        t.key_generation,
+    )
+}

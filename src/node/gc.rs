@@ -10,7 +10,9 @@
 //!   3. asks each chunk shard to drop the records it holds that were not
 //!      named and are untouched since F; its replicas delete the files as
 //!      they apply that;
-//!   4. aborts uploads begun more than `abort_uploads_after_days` ago.
+//!   4. settles the garbage buckets made before F, which no longer counts
+//!      toward their tenants' quotas;
+//!   5. aborts uploads begun more than `abort_uploads_after_days` ago.
 //!
 //! Each node also sweeps orphans on its own: chunk files with no record at
 //! all (a coordinator that died between writing a chunk and recording it,
@@ -188,6 +190,14 @@ pub async fn collect(host: &ShardHost, cfg: &GcConfig) -> Result<Collected> {
             out.disk_bytes += (len + crate::crypto::OVERHEAD as u64) * copies;
         }
     }
+    // What buckets freed before the floor is gone now: it no longer
+    // counts toward their tenants' quotas.
+    for shard in &shards {
+        let cmd = Command::SettleGarbage {
+            before_ms: floor_ms,
+        };
+        host.propose(*shard, &cmd).await?;
+    }
     let before_ms = started_ms - cfg.abort_uploads_after_days as i64 * DAY_MS;
     for shard in &shards {
         out.uploads_aborted += abort_stale_uploads(host, *shard, before_ms).await?;
@@ -278,6 +288,7 @@ async fn abort_stale_uploads(host: &ShardHost, shard: ShardId, before_ms: i64) -
                 bucket: u.bucket,
                 key: u.key,
                 upload_id: u.upload_id,
+                requested_ms: now_ms(),
             };
             match host.propose(shard, &cmd).await {
                 Ok(_) | Err(ShardError::NoSuchUpload) => aborted += 1,

@@ -195,6 +195,7 @@ impl Objects {
             if other != bucket {
                 elsewhere.bytes += usage.bytes;
                 elsewhere.objects += usage.objects;
+                elsewhere.garbage += usage.garbage;
             }
         }
         Ok(Some(Limit { quota, elsewhere }))
@@ -287,12 +288,17 @@ impl Objects {
         if let Some(size) = declared_size {
             if let Some(q) = self.tenant_quota(&target.tenant).await?.bytes {
                 let usage = self.usage_by_bucket(&target.tenant).await?;
-                let stored: u64 = usage.iter().map(|(_, u)| u.bytes).sum();
+                let stored: u64 = usage.iter().map(|(_, u)| u.stored()).sum();
+                let garbage: u64 = usage.iter().map(|(_, u)| u.garbage).sum();
                 // A PUT sent again after it landed already counts in
                 // `stored`: the index shard answers it as the first time.
                 if stored + size > q && !self.already_written(target).await? {
+                    let of_which = match garbage {
+                        0 => String::new(),
+                        g => format!(" ({g} of them freed and awaiting garbage collection)"),
+                    };
                     return Err(ShardError::QuotaExceeded(format!(
-                        "the tenant's quota of {q} bytes would be exceeded: {stored} bytes stored, this request adds {size}"
+                        "the tenant's quota of {q} bytes would be exceeded: {stored} bytes stored{of_which}, this request adds {size}"
                     )));
                 }
             }
@@ -596,6 +602,7 @@ impl Objects {
             bucket: bucket.to_string(),
             key: key.to_string(),
             upload_id: upload_id.to_string(),
+            requested_ms: now_ms(),
         };
         self.host()
             .propose(self.index(tenant, bucket), &cmd)

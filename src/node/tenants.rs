@@ -77,6 +77,9 @@ impl Objects {
             quota_bytes: record.quota.bytes,
             quota_objects: record.quota.objects,
             used_bytes: usage.iter().map(|(_, u)| u.bytes).sum(),
+            garbage_bytes: usage.iter().map(|(_, u)| u.garbage).sum(),
+            stored_bytes: usage.iter().map(|(_, u)| u.stored()).sum::<u64>()
+                * self.chunks.host.layout().replication as u64,
             used_objects: usage.iter().map(|(_, u)| u.objects).sum(),
             buckets: usage.len() as u32,
             access_keys: access_keys.len() as u32,

@@ -181,11 +181,22 @@ pub struct TenantRecord {
 }
 
 /// What one bucket holds: committed objects, plus the parts of uploads in
-/// progress in `bytes`, since they occupy disk too.
+/// progress in `bytes`, since they occupy disk too; and in `garbage` the
+/// chunked bytes its overwrites and deletes left to garbage collection,
+/// which count toward the quota until collected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub bytes: u64,
     pub objects: u64,
+    #[serde(default)]
+    pub garbage: u64,
+}
+
+impl Usage {
+    /// The bytes that count toward a quota.
+    pub fn stored(&self) -> u64 {
+        self.bytes + self.garbage
+    }
 }
 
 /// The room one write may use in its bucket: the tenant's quota and what
@@ -358,6 +369,10 @@ pub enum Command {
         bucket: String,
         key: String,
         upload_id: String,
+        /// When it was asked (the garbage its parts become is dated so);
+        /// 0 in entries logged before.
+        #[serde(default)]
+        requested_ms: i64,
     },
     /// Chunk shard: record chunks that a majority of replicas stored,
     /// touched at `stamp_ms` (taken before the first copy was written);
@@ -374,6 +389,9 @@ pub enum Command {
     TouchChunks { ids: Vec<ChunkId>, stamp_ms: i64 },
     /// Any shard: raise the collection floor to at least `floor`.
     RaiseFloor { floor: Floor },
+    /// Index shard: stop counting the garbage buckets made before
+    /// `before_ms`, which a collection has just freed.
+    SettleGarbage { before_ms: i64 },
     /// Chunk shard: drop the records of the chunks in `ids` still untouched
     /// since `below_ms` (at most the floor); every replica deletes their
     /// files once applied. Returns `Dropped`.

@@ -34,6 +34,8 @@ mod tag {
     pub const REBALANCE: u8 = b'R';
     /// The shard's garbage-collection floor (see `gc`).
     pub const FLOOR: u8 = b'G';
+    /// Garbage a bucket made in one minute, until collected (see `gc`).
+    pub const GARBAGE: u8 = b'Y';
     /// A request's write id -> the reply its first application gave.
     pub const WRITE: u8 = b'W';
     /// When a write id was recorded (ms, big-endian) then the id: the
@@ -136,28 +138,36 @@ fn after_prefix(prefix: &[u8]) -> Vec<u8> {
 
 /// Refuses a write that grows a bucket past what `limit` leaves it.
 /// Shrinking is always allowed, so deleting frees room even when a tenant
-/// is over its quota (after the quota was lowered, say).
+/// is over its quota (after the quota was lowered, say). Bytes count with
+/// the garbage not collected yet: an overwrite holds the old bytes too
+/// until then.
 fn check_limit(limit: &Option<Limit>, before: Usage, after: Usage) -> Io<()> {
     let Some(limit) = limit else {
         return Ok(());
     };
-    let over = |quota: Option<u64>, elsewhere: u64, before: u64, after: u64, unit: &str| {
-        match quota {
-            Some(q) if after > before && elsewhere + after > q => {
-                Err(ShardError::QuotaExceeded(format!(
-                    "the tenant's quota of {q} {unit} would be exceeded: {} {unit} stored, this request adds {}",
+    let garbage = limit.elsewhere.garbage + after.garbage;
+    let over = |quota: Option<u64>, elsewhere: u64, before: u64, after: u64, unit: &str| match quota
+    {
+        Some(q) if after > before && elsewhere + after > q => {
+            let of_which = match unit {
+                "bytes" if garbage > 0 => {
+                    format!(" ({garbage} of them freed and awaiting garbage collection)")
+                }
+                _ => String::new(),
+            };
+            Err(ShardError::QuotaExceeded(format!(
+                    "the tenant's quota of {q} {unit} would be exceeded: {} {unit} stored{of_which}, this request adds {}",
                     elsewhere + before,
                     after - before
                 )))
-            }
-            _ => Ok(()),
         }
+        _ => Ok(()),
     };
     over(
         limit.quota.bytes,
-        limit.elsewhere.bytes,
-        before.bytes,
-        after.bytes,
+        limit.elsewhere.stored(),
+        before.stored(),
+        after.stored(),
         "bytes",
     )?;
     over(
@@ -203,11 +213,15 @@ fn same_creation(stored: Option<WriteId>, creation: Option<WriteId>) -> Io<()> {
     }
 }
 
-/// Takes the object being replaced, if any, out of `usage`.
-fn forget_object(old: Option<&Manifest>, usage: &mut Usage) {
-    if let Some(old) = old {
-        usage.bytes = usage.bytes.saturating_sub(old.size);
-        usage.objects = usage.objects.saturating_sub(1);
+/// Takes the object being replaced, if any, out of `usage`; returns the
+/// bytes it leaves to garbage collection (none for an inline body).
+fn forget_object(old: Option<&Manifest>, usage: &mut Usage) -> u64 {
+    let Some(old) = old else { return 0 };
+    usage.bytes = usage.bytes.saturating_sub(old.size);
+    usage.objects = usage.objects.saturating_sub(1);
+    match old.body {
+        Body::Chunks(_) => old.size,
+        Body::Inline(_) => 0,
     }
 }
 
@@ -413,7 +427,7 @@ impl<'a> State<'a> {
                 max,
             } => {
                 let mut left = *max;
-                for t in [tag::OBJECT, tag::UPLOAD, tag::PART] {
+                for t in [tag::OBJECT, tag::UPLOAD, tag::PART, tag::GARBAGE] {
                     for kv in self.r.prefix(&bucket_prefix(t, tenant, bucket))? {
                         if left == 0 {
                             return Ok(Value::Exists(true));
@@ -483,6 +497,7 @@ impl<'a> State<'a> {
                 }
                 batch.remove(key(tag::INDEX, &[tenant.as_bytes(), bucket.as_bytes()]));
                 batch.remove(usage_key(tenant, bucket));
+                self.forget_garbage(tenant, bucket, batch)?;
             }
             Command::PutObject {
                 tenant,
@@ -503,7 +518,15 @@ impl<'a> State<'a> {
                 self.check_touched(*touched_ms)?;
                 let before = self.usage(tenant, bucket)?;
                 let mut after = before;
-                forget_object(stored.as_ref(), &mut after);
+                let freed = forget_object(stored.as_ref(), &mut after);
+                self.add_garbage(
+                    tenant,
+                    bucket,
+                    manifest.modified_ms,
+                    freed,
+                    &mut after,
+                    batch,
+                )?;
                 after.bytes += manifest.size;
                 after.objects += 1;
                 check_limit(limit, before, after)?;
@@ -514,12 +537,14 @@ impl<'a> State<'a> {
                 tenant,
                 bucket,
                 key: object,
+                requested_ms,
                 ..
             } => {
                 self.require_index(tenant, bucket)?;
                 let k = object_key(tenant, bucket, object);
                 let mut usage = self.usage(tenant, bucket)?;
-                forget_object(self.get(&k)?.as_ref(), &mut usage);
+                let freed = forget_object(self.get(&k)?.as_ref(), &mut usage);
+                self.add_garbage(tenant, bucket, *requested_ms, freed, &mut usage, batch)?;
                 batch.remove(k);
                 batch.insert(usage_key(tenant, bucket), encode(&usage));
             }
@@ -554,6 +579,14 @@ impl<'a> State<'a> {
                 let mut after = before;
                 if let Some(old) = self.get::<Part>(&k)? {
                     after.bytes = after.bytes.saturating_sub(old.size);
+                    self.add_garbage(
+                        tenant,
+                        bucket,
+                        part.modified_ms,
+                        old.size,
+                        &mut after,
+                        batch,
+                    )?;
                 }
                 after.bytes += part.size;
                 check_limit(limit, before, after)?;
@@ -586,7 +619,9 @@ impl<'a> State<'a> {
                 // The parts' bytes become the object's; unused parts go.
                 let parts_bytes = self.remove_upload(tenant, bucket, object, upload_id, batch)?;
                 after.bytes = after.bytes.saturating_sub(parts_bytes);
-                forget_object(stored.as_ref(), &mut after);
+                let unused = parts_bytes.saturating_sub(manifest.size);
+                let freed = forget_object(stored.as_ref(), &mut after) + unused;
+                self.add_garbage(tenant, bucket, *modified_ms, freed, &mut after, batch)?;
                 after.bytes += manifest.size;
                 after.objects += 1;
                 if let Err(e) = check_limit(limit, before, after) {
@@ -602,6 +637,7 @@ impl<'a> State<'a> {
                 bucket,
                 key: object,
                 upload_id,
+                requested_ms,
             } => {
                 self.require_index(tenant, bucket)?;
                 if !self.exists(&upload_key(tenant, bucket, object, upload_id))? {
@@ -610,6 +646,14 @@ impl<'a> State<'a> {
                 let mut usage = self.usage(tenant, bucket)?;
                 let parts_bytes = self.remove_upload(tenant, bucket, object, upload_id, batch)?;
                 usage.bytes = usage.bytes.saturating_sub(parts_bytes);
+                self.add_garbage(
+                    tenant,
+                    bucket,
+                    *requested_ms,
+                    parts_bytes,
+                    &mut usage,
+                    batch,
+                )?;
                 batch.insert(usage_key(tenant, bucket), encode(&usage));
             }
             Command::SetLayout {
@@ -667,6 +711,7 @@ impl<'a> State<'a> {
                 return self.touch_chunks(ids, *stamp_ms, batch);
             }
             Command::RaiseFloor { floor } => return self.raise_floor(*floor, batch),
+            Command::SettleGarbage { before_ms } => return self.settle_garbage(*before_ms, batch),
             Command::DropChunks { ids, below_ms } => {
                 return self.drop_chunks(ids, *below_ms, batch);
             }
@@ -1429,7 +1474,8 @@ mod tests {
             usage,
             Ok(Value::Usage(Usage {
                 bytes: 3,
-                objects: 1
+                objects: 1,
+                garbage: 0
             }))
         ));
     }

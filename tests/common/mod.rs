@@ -96,6 +96,27 @@ pub async fn cluster(dir: &Path, shards: u32) -> DevCluster {
         .expect("dev cluster starts")
 }
 
+/// Starts a dev cluster (3 nodes, RF 3) in `dir` whose nodes collect
+/// garbage with a grace of `grace_secs`, and only when asked (`Gc::collect`,
+/// `admin gc`), never on their own timers.
+pub async fn cluster_collecting(dir: &Path, shards: u32, grace_secs: u64) -> DevCluster {
+    let dir = dir.join("cluster");
+    lumbung::admin::init_cluster(&init_options(&dir, free_ports(4), shards)).unwrap();
+    for id in 1..=3 {
+        let p = dir.join(format!("node{id}.toml"));
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("grace_secs = 3600", &format!("grace_secs = {grace_secs}"))
+            .replace("interval_secs = 900", "interval_secs = 86400");
+        std::fs::write(&p, text).unwrap();
+    }
+    let mut opts = DevOptions::new(dir, 0);
+    opts.shards = shards;
+    lumbung::dev::start(&opts)
+        .await
+        .expect("dev cluster starts")
+}
+
 /// An S3 client for the credentials in `env`, over TLS with the cluster CA.
 pub fn s3(env: &S3Env) -> Client {
     s3_with(env, &env.access_key, &env.secret_key)

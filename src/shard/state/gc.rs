@@ -9,12 +9,13 @@
 //! grace below F, fences the orphan sweep: a chunk record stamped before it
 //! is refused, and a file older than it with no record is swept.
 
-use super::{chunk_key, chunk_of_key, decode, encode, tag, Io, State};
+use super::{bucket_prefix, chunk_key, chunk_of_key, decode, encode, tag, usage_key, Io, State};
 use crate::shard::command::{
-    ChunkRecord, Floor, Manifest, Part, ShardError, StaleUpload, Upload, Value,
+    ChunkRecord, Floor, Manifest, Part, ShardError, StaleUpload, Upload, Usage, Value,
 };
 use crate::store::Batch;
 use crate::types::ChunkId;
+use std::collections::BTreeMap;
 
 /// The key of a shard's [`Floor`].
 const FLOOR: &[u8] = &[tag::FLOOR];
@@ -27,6 +28,32 @@ pub fn chunk_record(v: &[u8]) -> Io<ChunkRecord> {
             touched_ms: 0,
         })
     })
+}
+
+/// Garbage is dated by the 10 s window it was made in: a busy bucket has
+/// at most (grace + interval) / 10 s garbage records (450 by default).
+const WINDOW_MS: i64 = 10_000;
+
+/// `Y tenant 0 bucket 0 window_start(u64 BE)`: the garbage the bucket
+/// made in that window, until a collection settles it.
+fn garbage_key(tenant: &str, bucket: &str, at_ms: i64) -> Vec<u8> {
+    let window = (at_ms.max(0) / WINDOW_MS * WINDOW_MS) as u64;
+    let mut k = bucket_prefix(tag::GARBAGE, tenant, bucket);
+    k.extend_from_slice(&window.to_be_bytes());
+    k
+}
+
+/// The bucket's usage key and the window of a garbage key.
+fn parse_garbage_key(k: &[u8]) -> Option<(Vec<u8>, i64)> {
+    let (names, minute) = k.get(1..)?.split_at_checked(k.len().checked_sub(9)?)?;
+    let names = names.strip_suffix(&[0])?;
+    let split = names.iter().position(|b| *b == 0)?;
+    let (tenant, bucket) = (&names[..split], &names[split + 1..]);
+    let usage = usage_key(
+        std::str::from_utf8(tenant).ok()?,
+        std::str::from_utf8(bucket).ok()?,
+    );
+    Some((usage, u64::from_be_bytes(minute.try_into().ok()?) as i64))
 }
 
 /// The chunk ids an object (`tag::OBJECT`) or part record names.
@@ -55,6 +82,62 @@ impl State<'_> {
             Some(t) if t < self.floor()?.touched_ms => Err(ShardError::ChunksStale),
             _ => Ok(()),
         }
+    }
+
+    /// Counts `bytes` a write to `tenant`/`bucket` at `at_ms` left to
+    /// garbage collection, in `usage` (the caller writes it) and in the
+    /// window's garbage record.
+    pub fn add_garbage(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        at_ms: i64,
+        bytes: u64,
+        usage: &mut Usage,
+        batch: &mut Batch,
+    ) -> Io<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        usage.garbage += bytes;
+        let k = garbage_key(tenant, bucket, at_ms);
+        let before: u64 = self.get(&k)?.unwrap_or(0);
+        batch.insert(k, encode(&(before + bytes)));
+        Ok(())
+    }
+
+    /// Drops a closed bucket's garbage records (its usage goes with it).
+    pub fn forget_garbage(&self, tenant: &str, bucket: &str, batch: &mut Batch) -> Io<()> {
+        for kv in self
+            .r
+            .prefix(&bucket_prefix(tag::GARBAGE, tenant, bucket))?
+        {
+            batch.remove(kv?.0);
+        }
+        Ok(())
+    }
+
+    /// Stops counting garbage made in windows that ended by `before_ms`: a
+    /// collection whose floor is `before_ms` has freed it.
+    pub fn settle_garbage(&self, before_ms: i64, batch: &mut Batch) -> Io<Value> {
+        let mut settled: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for kv in self.r.prefix(&[tag::GARBAGE])? {
+            let (k, v) = kv?;
+            let Some((usage, window)) = parse_garbage_key(&k) else {
+                continue;
+            };
+            if window + WINDOW_MS <= before_ms {
+                *settled.entry(usage).or_default() += decode::<u64>(&v)?;
+                batch.remove(k);
+            }
+        }
+        for (k, bytes) in settled {
+            if let Some(mut usage) = self.get::<Usage>(&k)? {
+                usage.garbage = usage.garbage.saturating_sub(bytes);
+                batch.insert(k, encode(&usage));
+            }
+        }
+        Ok(Value::Done)
     }
 
     /// Raises both marks of the floor to at least `to`'s.
