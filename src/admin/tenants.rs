@@ -168,23 +168,6 @@ impl std::str::FromStr for LimitArg {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::LimitArg;
-
-    #[test]
-    fn limits_parse_as_sizes_counts_or_none() {
-        let parse = |s: &str| s.parse::<LimitArg>().map(|l| l.0);
-        assert_eq!(parse("10GiB"), Ok(Some(10 << 30)));
-        assert_eq!(parse("500MB"), Ok(Some(500_000_000)));
-        assert_eq!(parse("1000"), Ok(Some(1000)));
-        assert_eq!(parse("none"), Ok(None));
-        assert!(parse("-5").is_err());
-        assert!(parse("5 parsecs").is_err());
-        assert!(parse("99999999999TiB").is_err());
-    }
-}
-
 /// `tenant show --json`.
 pub fn json_of(t: &pb::TenantInfo) -> serde_json::Value {
     serde_json::json!({
@@ -227,4 +210,21 @@ pub fn render(t: &pb::TenantInfo) -> String {
         t.access_keys,
         t.key_generation,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LimitArg;
+
+    #[test]
+    fn limits_parse_as_sizes_counts_or_none() {
+        let parse = |s: &str| s.parse::<LimitArg>().map(|l| l.0);
+        assert_eq!(parse("10GiB"), Ok(Some(10 << 30)));
+        assert_eq!(parse("500MB"), Ok(Some(500_000_000)));
+        assert_eq!(parse("1000"), Ok(Some(1000)));
+        assert_eq!(parse("none"), Ok(None));
+        assert!(parse("-5").is_err());
+        assert!(parse("5 parsecs").is_err());
+        assert!(parse("99999999999TiB").is_err());
+    }
 }
