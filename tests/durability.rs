@@ -235,4 +235,40 @@ async fn acknowledged_writes_survive_sigkill_and_laggards_catch_up() {
     for (key, seed, len) in acked {
         common::assert_reads_back(&c, "demo", &key, seed, len).await;
     }
+
+    // What the SIGKILLed coordinators left (chunks recorded for writes
+    // that never committed, files never recorded) goes: every node ends
+    // up holding about the chunked objects the bucket lists (RF 3 on 3
+    // nodes: all of them).
+    let mut live = 0u64;
+    let mut pages = c.list_objects_v2().bucket("demo").into_paginator().send();
+    while let Some(page) = pages.next().await {
+        for o in page.unwrap().contents() {
+            let size = o.size().unwrap() as u64;
+            live += if size > 64 * 1024 { size } else { 0 };
+        }
+    }
+    let started = Instant::now();
+    loop {
+        let held: Vec<u64> = status(&admin)
+            .await
+            .nodes
+            .iter()
+            .map(|n| n.chunk_bytes)
+            .collect();
+        if held.len() == 3 && held.iter().all(|b| *b <= live + live / 20) {
+            println!(
+                "chunk bytes per node {held:?} for {live} live, {:?} after the writes",
+                started.elapsed()
+            );
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            procs.fail(
+                20,
+                format!("chunk bytes per node {held:?} still above {live} live + 5 %"),
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
