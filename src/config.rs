@@ -137,6 +137,28 @@ pub struct NodeConfig {
     pub space: SpaceConfig,
     #[serde(default)]
     pub gc: GcConfig,
+    #[serde(default)]
+    pub scrub: ScrubConfig,
+}
+
+/// `[scrub]`: how a node re-reads its chunk files (see `node::scrub`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScrubConfig {
+    /// Reading speed of a pass, MB/s (10^6 bytes): low enough that
+    /// clients keep the disk.
+    pub mb_per_sec: u64,
+    /// A full pass starts this long after the last one ended, at most.
+    pub interval_days: u64,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        ScrubConfig {
+            mb_per_sec: 20,
+            interval_days: 30,
+        }
+    }
 }
 
 /// `[gc]`: when space that clients freed comes back (see `node::gc`).

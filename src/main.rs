@@ -116,6 +116,9 @@ enum AdminCommand {
     /// Run one garbage collection now: chunks no object names, untouched
     /// for the grace period, go from every replica.
     Gc(admin::gc::GcArgs),
+    /// Re-read every chunk file now and repair what fails its hash or is
+    /// missing from a good replica.
+    Scrub(admin::scrub::ScrubArgs),
     /// Tenants: the companies whose data the cluster holds.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -328,6 +331,7 @@ start it with `lumbung node --config {0}`, then add it with `lumbung admin node 
             node_commands::rebalance(&admin_config(config)?, json, args).await?
         }
         AdminCommand::Gc(args) => admin::gc::run(&admin_config(config)?, json, args).await?,
+        AdminCommand::Scrub(args) => admin::scrub::run(&admin_config(config)?, json, args).await?,
         AdminCommand::Status => {
             let cfg = admin_config(config)?;
             let view = admin::status::collect(&cfg).await?;

@@ -189,6 +189,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<S3Env> {
             watchdog: Default::default(),
             space: Default::default(),
             gc: Default::default(),
+            scrub: Default::default(),
         };
         write_toml(
             &dir.join(format!("{name}.toml")),
@@ -296,6 +297,7 @@ pub fn init_node(
         watchdog: peer.watchdog,
         space: peer.space,
         gc: peer.gc,
+        scrub: peer.scrub,
     };
     write_toml(
         &path,

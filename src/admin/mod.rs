@@ -6,6 +6,7 @@ pub mod gc;
 pub mod init;
 pub mod node_commands;
 pub mod nodes;
+pub mod scrub;
 pub mod status;
 pub mod tenants;
 

@@ -34,6 +34,56 @@ pub struct NodeView {
     pub last_gc: Option<GcView>,
     pub swept_files: u64,
     pub swept_bytes: u64,
+    /// Its latest scrub pass, running or done.
+    pub scrub: Option<ScrubView>,
+}
+
+/// A node's latest scrub pass (see `admin scrub`).
+#[derive(Clone, Serialize)]
+pub struct ScrubView {
+    pub running: bool,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub files_total: u64,
+    pub files_checked: u64,
+    pub bytes_checked: u64,
+    pub corrupt: u64,
+    pub missing: u64,
+    pub repaired: u64,
+}
+
+impl From<&pb::ScrubStatus> for ScrubView {
+    fn from(s: &pb::ScrubStatus) -> ScrubView {
+        ScrubView {
+            running: s.running,
+            started_ms: s.started_ms,
+            finished_ms: s.finished_ms,
+            files_total: s.files_total,
+            files_checked: s.files_checked,
+            bytes_checked: s.bytes_checked,
+            corrupt: s.corrupt,
+            missing: s.missing,
+            repaired: s.repaired,
+        }
+    }
+}
+
+impl ScrubView {
+    /// "running 40/100", "done 2.0 h ago: 1 corrupt, 0 missing, 1
+    /// repaired", or "never" (counted from the node's first start).
+    fn line(&self) -> String {
+        if self.running {
+            return format!("running {}/{}", self.files_checked, self.files_total);
+        }
+        if self.started_ms == 0 {
+            return "none since start".into();
+        }
+        let hours = (crate::types::now_ms() - self.finished_ms) as f64 / 3.6e6;
+        format!(
+            "{hours:.1} h ago: {} corrupt, {} missing, {} repaired",
+            self.corrupt, self.missing, self.repaired
+        )
+    }
 }
 
 /// One garbage collection (see `admin gc`).
@@ -292,6 +342,7 @@ pub async fn collect(cfg: &AdminConfig) -> anyhow::Result<ClusterView> {
             last_gc: status.last_gc.as_ref().map(GcView::from),
             swept_files: status.swept_files,
             swept_bytes: status.swept_bytes,
+            scrub: status.scrub.as_ref().map(ScrubView::from),
         });
     }
     let gateways = gateways
@@ -325,18 +376,19 @@ pub(crate) fn mib(b: u64) -> String {
 /// Bytes on disk by kind, and the latest garbage collection.
 fn render_disk(view: &ClusterView) -> String {
     let mut out = format!(
-        "\ndisk\n{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}\n",
-        "NODE", "CHUNKS", "RAFT LOG", "STATE", "SNAPSHOTS", "ORPHANS SWEPT"
+        "\ndisk\n{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}  {}\n",
+        "NODE", "CHUNKS", "RAFT LOG", "STATE", "SNAPSHOTS", "ORPHANS SWEPT", "LAST SCRUB"
     );
     for n in view.nodes.iter().filter(|n| n.up) {
         out.push_str(&format!(
-            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}\n",
+            "{:<6} {:>12} {:>12} {:>12} {:>12} {:>16}  {}\n",
             n.node_id,
             mib(n.chunk_bytes),
             mib(n.raft_log_bytes),
             mib(n.state_bytes),
             mib(n.snapshot_bytes),
             format!("{} ({})", n.swept_files, mib(n.swept_bytes)),
+            n.scrub.as_ref().map_or("-".into(), ScrubView::line),
         ));
     }
     let latest = view

@@ -237,6 +237,40 @@ impl ChunkStore {
         Ok(true)
     }
 
+    /// Every chunk file's id.
+    pub fn ids(&self) -> std::io::Result<Vec<ChunkId>> {
+        let mut ids = Vec::new();
+        for i in 0..=255u8 {
+            for f in std::fs::read_dir(self.dir.join(format!("{i:02x}")))? {
+                let name = f?.file_name();
+                if let Some(id) = hex::decode(name.as_encoded_bytes())
+                    .ok()
+                    .and_then(|b| ChunkId::from_slice(&b))
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Re-reads a chunk file and checks it against its name: `Some(len)`
+    /// when it verifies, `None` when it is gone or was corrupt (then moved
+    /// aside as `<id>.corrupt` for repair).
+    pub async fn verify(&self, id: ChunkId) -> Result<Option<u64>, ChunkError> {
+        Ok(self.get_verified(id).await?.map(|d| d.len() as u64))
+    }
+
+    /// Deletes the copy of `id` moved aside as corrupt, once repaired.
+    pub fn forget_corrupt(&self, id: &ChunkId) {
+        let _ = std::fs::remove_file(self.path(id).with_extension("corrupt"));
+    }
+
+    /// True if a corrupt copy of `id` was moved aside and is still there.
+    pub fn has_corrupt(&self, id: &ChunkId) -> bool {
+        self.path(id).with_extension("corrupt").exists()
+    }
+
     /// Reads a chunk and verifies it. `Ok(None)` when this replica does not
     /// have it, or had a corrupt copy (which is moved aside).
     pub async fn get_verified(&self, id: ChunkId) -> Result<Option<Bytes>, ChunkError> {

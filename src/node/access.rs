@@ -23,7 +23,9 @@ pub fn role_for(method: &str) -> Option<Role> {
         "Status" | "CreateTenant" | "ListTenants" | "ShowTenant" | "SetQuota"
         | "RotateTenantKey" | "DeleteTenant" | "RotateMasterKey" | "CreateAccessKey"
         | "ListAccessKeys" | "RevokeAccessKey" | "AddNode" | "ListNodes" | "DrainNode"
-        | "RemoveNode" | "Rebalance" | "RebalanceProgress" | "CollectGarbage" => Role::Admin,
+        | "RemoveNode" | "Rebalance" | "RebalanceProgress" | "CollectGarbage" | "Scrub" => {
+            Role::Admin
+        }
         _ => return None,
     })
 }

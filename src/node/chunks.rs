@@ -338,11 +338,15 @@ impl Chunks {
 
     async fn get_from(&self, node: u64, id: ChunkId) -> Result<Option<Bytes>, ShardError> {
         if node == self.host.id {
-            return self
+            let read = self
                 .store
                 .get_verified(id)
                 .await
-                .map_err(|e| ShardError::Unavailable(e.to_string()));
+                .map_err(|e| ShardError::Unavailable(e.to_string()))?;
+            if read.is_none() {
+                self.repair_if_recorded(id).await;
+            }
+            return Ok(read);
         }
         let mut client = self.client_for(node)?;
         let reply = tokio::time::timeout(
@@ -362,6 +366,16 @@ impl Chunks {
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(error_of(&s)),
         }
+    }
+
+    /// Names `id` for repair now if a local replica records it: a read or
+    /// a scrub found its file corrupt (moved aside) or gone.
+    pub async fn repair_if_recorded(&self, id: ChunkId) -> bool {
+        let host = self.host.clone();
+        let recorded = tokio::task::spawn_blocking(move || host.records_chunk(&id))
+            .await
+            .unwrap_or(false);
+        recorded && self.missing.name(id)
     }
 
     /// How many of the chunks this node's replica of `shard` records are on
@@ -389,7 +403,7 @@ impl Chunks {
     /// Names every recorded chunk this node lacks, so the repair task
     /// fetches it: a node killed between applying a record and fetching
     /// its chunk would otherwise never learn of it again.
-    fn audit(&self) -> Result<usize, ShardError> {
+    pub fn audit(&self) -> Result<usize, ShardError> {
         let recorded = self.host.recorded_chunks()?;
         Ok(recorded
             .into_iter()
@@ -419,6 +433,8 @@ impl Chunks {
             let this = self.clone();
             copies.spawn(async move {
                 if this.store.contains(&id) || this.copy_from_peers(id).await {
+                    // A corrupt copy moved aside has served its purpose.
+                    this.store.forget_corrupt(&id);
                     this.missing.done(id);
                 } else {
                     let attempts = this.missing.retry(id);

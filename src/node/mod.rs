@@ -12,6 +12,7 @@ pub mod listener;
 pub mod members;
 pub mod objects;
 pub mod rebalance;
+pub mod scrub;
 pub mod service;
 pub mod tenants;
 
@@ -162,6 +163,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         keys: Arc::new(keys::KeyCache::new(master)),
         retouch_ms: cfg.gc.grace_ms() / 2,
         gc: Arc::new(gc::Gc::new(cfg.gc.clone(), &cfg.data_dir)),
+        scrub: Arc::new(scrub::Scrub::new(cfg.scrub.clone(), &cfg.data_dir)),
     };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -211,6 +213,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let low_disk = tokio::spawn(crate::shard::low_disk::run(host.clone()));
     let compactor = tokio::spawn(crate::shard::log_compactor::run(host.log().clone()));
     let gc = tokio::spawn(gc::run(objects.chunks.clone(), objects.gc.clone()));
+    let scrub = tokio::spawn(objects.scrub.clone().run(objects.chunks.clone()));
     let mut background = vec![
         repair,
         collector,
@@ -219,6 +222,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         low_disk,
         compactor,
         gc,
+        scrub,
     ];
     if let Some(b) = cfg.bootstrap.clone() {
         background.push(tokio::spawn(bootstrap(objects.clone(), b)));

@@ -65,6 +65,7 @@ pub struct Objects {
     /// garbage-collection grace.
     pub retouch_ms: i64,
     pub gc: Arc<super::gc::Gc>,
+    pub scrub: Arc<super::scrub::Scrub>,
 }
 
 fn unexpected(v: Value) -> ShardError {

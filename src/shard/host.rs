@@ -461,6 +461,17 @@ impl ShardHost {
         Some(self.replica(shard)?.recorded_chunks(&self.opener.state))
     }
 
+    /// True if a local replica of the chunk's shard records it. Blocks.
+    pub fn records_chunk(&self, id: &ChunkId) -> bool {
+        let shard = self.layout().shard_for_chunk(id);
+        self.replica(shard).is_some_and(|r| {
+            self.opener
+                .state
+                .get(&r.space, &super::state::chunk_key(id))
+                .is_ok_and(|v| v.is_some())
+        })
+    }
+
     pub fn addr_of(&self, node: NodeId) -> Option<std::net::SocketAddr> {
         self.layout().addr_of(node)
     }

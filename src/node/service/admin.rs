@@ -358,6 +358,7 @@ pub(super) async fn status(this: &NodeService, _req: Request<pb::Empty>) -> Rpc<
         last_gc,
         swept_files: swept.files,
         swept_bytes: swept.bytes,
+        scrub: Some(this.objects.scrub.status()),
     })
 }
 

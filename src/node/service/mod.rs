@@ -232,6 +232,10 @@ impl Node for NodeService {
         admin::collect_garbage(self, req).await
     }
 
+    async fn scrub(&self, _req: Request<pb::Empty>) -> Rpc<pb::ScrubStatus> {
+        ok(self.objects.scrub.start())
+    }
+
     async fn list_nodes(&self, req: Request<pb::Empty>) -> Rpc<pb::Members> {
         admin::list_nodes(self, req).await
     }
