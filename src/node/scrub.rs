@@ -59,7 +59,7 @@ impl Scrub {
 
     /// The latest pass: running, or the last one finished.
     pub fn status(&self) -> pb::ScrubStatus {
-        self.pass.lock().unwrap().clone()
+        *self.pass.lock().unwrap()
     }
 
     /// Starts a pass now unless one runs; answers the status before it
