@@ -7,6 +7,7 @@
 //!   2. two more files are corrupted and read through node 2: the reads
 //!      return the right bytes (from another replica) and the chunks are
 //!      repaired at once, without a scrub.
+//!
 //! Every object then reads back byte for byte.
 
 mod common;
