@@ -1,5 +1,6 @@
 //! The records garbage collection reads and writes: chunk records with the
-//! time they were last touched, and the shard's collection floor.
+//! time they were last touched, the shard's collection floor, and the
+//! garbage each bucket made that no collection has settled yet.
 //!
 //! The floor fences a collection against writes racing it (see the "Chunk
 //! garbage collection" section of docs/design.md): once a collection has
