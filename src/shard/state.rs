@@ -1578,4 +1578,41 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn a_listing_of_huge_objects_carries_no_chunk_lists() {
+        let mut s = Space::default();
+        s.apply(&Command::OpenIndex {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            creation: id(1),
+        })
+        .unwrap();
+        // 100 GiB each: 25,600 chunks of 4 MiB.
+        let spans: Vec<ChunkId> = (0..25_600u32)
+            .map(|i| ChunkId(*blake3::hash(&i.to_be_bytes()).as_bytes()))
+            .collect();
+        for (n, key) in ["a", "b", "c"].iter().enumerate() {
+            let mut put = chunked(key, &spans, 1, 100 + n as u128);
+            if let Command::PutObject { manifest, .. } = &mut put {
+                manifest.size = 100 << 30;
+            }
+            s.apply(&put).unwrap();
+        }
+        let page = match State::new(&s).query(&Query::List {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            delimiter: String::new(),
+            start_after: String::new(),
+            max_keys: 1000,
+        }) {
+            Ok(Value::List(page)) => page,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(page.objects.len(), 3);
+        assert_eq!(page.objects[0].1.size, 100 << 30);
+        let sent = encode(&Value::List(page)).len();
+        assert!(sent < 500, "a page of 3 names took {sent} bytes");
+    }
 }

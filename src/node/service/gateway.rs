@@ -363,7 +363,17 @@ pub(super) async fn list_objects(
         .await
         .map_err(status_of)?;
     ok(pb::ListReply {
-        objects: page.objects.iter().map(|(k, m)| info(k, m, None)).collect(),
+        objects: page
+            .objects
+            .iter()
+            .map(|(key, o)| pb::ObjectInfo {
+                key: key.clone(),
+                size: o.size,
+                etag: o.etag.clone(),
+                modified_ms: o.modified_ms,
+                ..Default::default()
+            })
+            .collect(),
         common_prefixes: page.common_prefixes,
         truncated: page.truncated,
         next_marker: page.next_marker,
