@@ -134,8 +134,17 @@ impl Scrub {
                 Ok(None) if !chunks.store.has_corrupt(&id) => {}
                 Ok(None) => {
                     self.update(|p| p.corrupt += 1);
-                    if chunks.repair_if_recorded(id).await {
+                    let host = chunks.host.clone();
+                    let recorded = tokio::task::spawn_blocking(move || host.records_chunk(&id))
+                        .await
+                        .unwrap_or(true);
+                    if recorded {
+                        chunks.missing.name(id);
                         repairs.push(id);
+                    } else {
+                        // Garbage, or a shard this node no longer holds:
+                        // nothing to repair, and the bad copy goes.
+                        chunks.store.forget_corrupt(&id);
                     }
                 }
                 Err(e) => tracing::warn!(chunk = %id.to_hex(), "scrub read: {e}"),

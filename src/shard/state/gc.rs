@@ -46,7 +46,7 @@ fn garbage_key(tenant: &str, bucket: &str, at_ms: i64) -> Vec<u8> {
 
 /// The bucket's usage key and the window of a garbage key.
 fn parse_garbage_key(k: &[u8]) -> Option<(Vec<u8>, i64)> {
-    let (names, minute) = k.get(1..)?.split_at_checked(k.len().checked_sub(9)?)?;
+    let (names, window) = k.get(1..)?.split_at_checked(k.len().checked_sub(9)?)?;
     let names = names.strip_suffix(&[0])?;
     let split = names.iter().position(|b| *b == 0)?;
     let (tenant, bucket) = (&names[..split], &names[split + 1..]);
@@ -54,7 +54,7 @@ fn parse_garbage_key(k: &[u8]) -> Option<(Vec<u8>, i64)> {
         std::str::from_utf8(tenant).ok()?,
         std::str::from_utf8(bucket).ok()?,
     );
-    Some((usage, u64::from_be_bytes(minute.try_into().ok()?) as i64))
+    Some((usage, u64::from_be_bytes(window.try_into().ok()?) as i64))
 }
 
 /// The chunk ids an object (`tag::OBJECT`) or part record names.
