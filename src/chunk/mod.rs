@@ -181,33 +181,47 @@ impl ChunkStore {
         let cutoff =
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(cutoff_ms.max(0) as u64);
         let mut old = Vec::new();
+        self.each_chunk_file(|id, f| {
+            let meta = match f.metadata() {
+                Ok(m) => m,
+                // Deleted since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let modified = meta.modified()?;
+            if modified < cutoff {
+                let since = modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                old.push(OldFile {
+                    id,
+                    len: meta.len(),
+                    modified_ms: since.as_millis() as i64,
+                });
+            }
+            Ok(())
+        })?;
+        Ok(old)
+    }
+
+    /// Calls `f` with every chunk file (named by its id; files aside,
+    /// `.tmp`, `.corrupt` and `.sweep`, are skipped).
+    fn each_chunk_file(
+        &self,
+        mut f: impl FnMut(ChunkId, std::fs::DirEntry) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         for i in 0..=255u8 {
-            for f in std::fs::read_dir(self.dir.join(format!("{i:02x}")))? {
-                let f = f?;
-                let id = hex::decode(f.file_name().as_encoded_bytes())
+            for entry in std::fs::read_dir(self.dir.join(format!("{i:02x}")))? {
+                let entry = entry?;
+                let id = hex::decode(entry.file_name().as_encoded_bytes())
                     .ok()
                     .and_then(|b| ChunkId::from_slice(&b));
-                let Some(id) = id else { continue };
-                let meta = match f.metadata() {
-                    Ok(m) => m,
-                    // Deleted since the listing.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                };
-                let modified = meta.modified()?;
-                if modified < cutoff {
-                    let since = modified
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default();
-                    old.push(OldFile {
-                        id,
-                        len: meta.len(),
-                        modified_ms: since.as_millis() as i64,
-                    });
+                if let Some(id) = id {
+                    f(id, entry)?;
                 }
             }
         }
-        Ok(old)
+        Ok(())
     }
 
     /// Deletes a chunk file unless `still_unwanted`, asked once the file is
@@ -240,17 +254,10 @@ impl ChunkStore {
     /// Every chunk file's id.
     pub fn ids(&self) -> std::io::Result<Vec<ChunkId>> {
         let mut ids = Vec::new();
-        for i in 0..=255u8 {
-            for f in std::fs::read_dir(self.dir.join(format!("{i:02x}")))? {
-                let name = f?.file_name();
-                if let Some(id) = hex::decode(name.as_encoded_bytes())
-                    .ok()
-                    .and_then(|b| ChunkId::from_slice(&b))
-                {
-                    ids.push(id);
-                }
-            }
-        }
+        self.each_chunk_file(|id, _| {
+            ids.push(id);
+            Ok(())
+        })?;
         Ok(ids)
     }
 

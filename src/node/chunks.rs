@@ -368,14 +368,20 @@ impl Chunks {
         }
     }
 
-    /// Names `id` for repair now if a local replica records it: a read or
-    /// a scrub found its file corrupt (moved aside) or gone.
-    pub async fn repair_if_recorded(&self, id: ChunkId) -> bool {
+    /// True if a local replica records `id` (read off the runtime).
+    pub async fn recorded_here(&self, id: ChunkId) -> bool {
         let host = self.host.clone();
-        let recorded = tokio::task::spawn_blocking(move || host.records_chunk(&id))
+        tokio::task::spawn_blocking(move || host.records_chunk(&id))
             .await
-            .unwrap_or(false);
-        recorded && self.missing.name(id)
+            .unwrap_or(false)
+    }
+
+    /// Names `id` for repair now if a local replica records it: a read
+    /// found its file corrupt (moved aside) or gone.
+    async fn repair_if_recorded(&self, id: ChunkId) {
+        if self.recorded_here(id).await {
+            self.missing.name(id);
+        }
     }
 
     /// How many of the chunks this node's replica of `shard` records are on

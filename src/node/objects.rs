@@ -212,10 +212,7 @@ impl Objects {
         let modified_ms = now_ms();
         let shard = self.index(&target.tenant, &target.bucket);
         let limit = self.limit_for(&target.tenant, &target.bucket).await?;
-        let spans = match &data.body {
-            Body::Chunks(spans) => spans.clone(),
-            Body::Inline(_) => Vec::new(),
-        };
+        let spans = data.body.chunks().to_vec();
         let touched_ms = data.touched_ms;
         let cmd = match target.part {
             Some((upload_id, part_number)) => {
@@ -462,10 +459,7 @@ impl Objects {
         }
         // The source may be deleted meanwhile: touched, its chunks stay a
         // grace period, and the copy's commit keeps them for good.
-        let spans = match &manifest.body {
-            Body::Chunks(spans) => spans.clone(),
-            Body::Inline(_) => Vec::new(),
-        };
+        let spans = manifest.body.chunks().to_vec();
         let touched_ms = match spans.is_empty() {
             true => None,
             false => Some(self.chunks.touch(&spans).await.map_err(|e| match e {

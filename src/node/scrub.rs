@@ -134,11 +134,7 @@ impl Scrub {
                 Ok(None) if !chunks.store.has_corrupt(&id) => {}
                 Ok(None) => {
                     self.update(|p| p.corrupt += 1);
-                    let host = chunks.host.clone();
-                    let recorded = tokio::task::spawn_blocking(move || host.records_chunk(&id))
-                        .await
-                        .unwrap_or(true);
-                    if recorded {
+                    if chunks.recorded_here(id).await {
                         chunks.missing.name(id);
                         repairs.push(id);
                     } else {

@@ -27,6 +27,16 @@ pub enum Body {
     Chunks(Vec<ChunkSpan>),
 }
 
+impl Body {
+    /// The chunks it names; none for an inline body.
+    pub fn chunks(&self) -> &[ChunkSpan] {
+        match self {
+            Body::Chunks(spans) => spans,
+            Body::Inline(_) => &[],
+        }
+    }
+}
+
 /// What a client said about an object besides its bytes. Stored only
 /// sealed with the tenant's DEK (see [`crate::crypto`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1480,6 +1480,18 @@ mod tests {
         ));
     }
 
+    /// A space with the empty bucket `b` of tenant `t`.
+    fn empty_bucket() -> Space {
+        let mut s = Space::default();
+        s.apply(&Command::OpenIndex {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            creation: id(1),
+        })
+        .unwrap();
+        s
+    }
+
     fn chunk(n: u8) -> ChunkId {
         ChunkId([n; 32])
     }
@@ -1500,13 +1512,7 @@ mod tests {
 
     #[test]
     fn a_collection_drops_only_unnamed_chunks_untouched_since_its_floor_and_fences_late_writes() {
-        let mut s = Space::default();
-        s.apply(&Command::OpenIndex {
-            tenant: "t".into(),
-            bucket: "b".into(),
-            creation: id(1),
-        })
-        .unwrap();
+        let mut s = empty_bucket();
         let (named, unnamed, fresh) = (chunk(1), chunk(2), chunk(3));
         let add = |ids: &[ChunkId], stamp_ms| Command::AddChunks {
             chunks: ids.iter().map(|id| (*id, 3)).collect(),
@@ -1581,13 +1587,7 @@ mod tests {
 
     #[test]
     fn a_listing_of_huge_objects_carries_no_chunk_lists() {
-        let mut s = Space::default();
-        s.apply(&Command::OpenIndex {
-            tenant: "t".into(),
-            bucket: "b".into(),
-            creation: id(1),
-        })
-        .unwrap();
+        let mut s = empty_bucket();
         // 100 GiB each: 25,600 chunks of 4 MiB.
         let spans: Vec<ChunkId> = (0..25_600u32)
             .map(|i| ChunkId(*blake3::hash(&i.to_be_bytes()).as_bytes()))

@@ -59,14 +59,11 @@ fn parse_garbage_key(k: &[u8]) -> Option<(Vec<u8>, i64)> {
 
 /// The chunk ids an object (`tag::OBJECT`) or part record names.
 fn referenced_by(tag: u8, v: &[u8]) -> Io<Vec<ChunkId>> {
-    let spans = match tag {
-        tag::OBJECT => match decode::<Manifest>(v)?.body {
-            crate::shard::command::Body::Chunks(spans) => spans,
-            crate::shard::command::Body::Inline(_) => Vec::new(),
-        },
-        _ => decode::<Part>(v)?.chunks,
-    };
-    Ok(spans.into_iter().map(|s| s.id).collect())
+    let ids = |spans: &[crate::shard::command::ChunkSpan]| spans.iter().map(|s| s.id).collect();
+    Ok(match tag {
+        tag::OBJECT => ids(decode::<Manifest>(v)?.body.chunks()),
+        _ => ids(&decode::<Part>(v)?.chunks),
+    })
 }
 
 impl State<'_> {
